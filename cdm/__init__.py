@@ -1,0 +1,1 @@
+"""cdm: Cascaded Diffusion Models (Ho et al. 2021) on MNIST, as a lesson."""

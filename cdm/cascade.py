@@ -1,0 +1,109 @@
+"""The cascade at sampling time: base 8x8 -> conditioning augmentation -> SR 32x32.
+
+    z_0 or z_s  <- base reverse process (to the clean image, or stopped at state s - 1)
+    cond        <- the low-res image (noised to z_s) and aug_level s
+    x_0         <- SR reverse process given cond
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from cdm.augment import noise_low_res, sr_cond
+from cdm.checkpoint import STAGES, checkpoint_config, load_checkpoint, load_state
+from cdm.config import Config, SamplerConfig, StageConfig
+from cdm.diffusion import GaussianDiffusion
+from cdm.runtime import autocast
+from cdm.unet import UNet, build_unet
+
+
+@dataclass
+class Stage:
+    """What a sampler needs of one stage: a network, its diffusion and its default sampler."""
+
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+    sampler: SamplerConfig
+
+
+def build_stage(cfg: Config, name: str, device: torch.device | str) -> tuple[UNet, GaussianDiffusion]:
+    stage: StageConfig = getattr(cfg, name)
+    model = build_unet(stage.model, stage.image_size, cfg.data.channels, super_res=name == "sr")
+    return model.to(device), GaussianDiffusion(stage.diffusion, device)
+
+
+def load_cascade(path: str | os.PathLike, device: torch.device | str, use_ema: bool = True
+                 ) -> tuple[Config, dict[str, Stage], dict]:
+    """Rebuild both stages from a checkpoint alone; EMA weights unless use_ema=False."""
+    ckpt = load_checkpoint(path, device)
+    cfg = checkpoint_config(ckpt, path)
+    stages = {}
+    for name in STAGES:
+        model, diffusion = build_stage(cfg, name, device)
+        key = "ema" if use_ema else "model"
+        load_state(model, ckpt[name][key], path, f"{name} {key} weights")
+        stages[name] = Stage(model.eval().requires_grad_(False), diffusion,
+                             getattr(cfg, name).sampler)
+    return cfg, stages, ckpt
+
+
+class CascadeSamples(NamedTuple):
+    base: torch.Tensor  # (N, C, 8, 8) the base stage's clean estimate z_0
+    low_res: torch.Tensor  # (N, C, 8, 8) what the SR stage was given, z_s
+    images: torch.Tensor  # (N, C, 32, 32) the cascade's output
+    labels: torch.Tensor | None  # (N,) requested classes, when conditional
+
+
+def default_labels(num: int, num_classes: int, device) -> torch.Tensor | None:
+    """Class-balanced labels 0, 1, ..., 9, 0, 1, ... for a conditional model, else None."""
+    return torch.arange(num, device=device) % num_classes if num_classes else None
+
+
+@torch.inference_mode()
+def sample_cascade(base: Stage, sr: Stage, num: int, aug_level: int, aug_mode: str,
+                   generator: torch.Generator | None = None, batch_size: int = 256,
+                   labels: torch.Tensor | None = None, bf16: bool = False,
+                   progress: bool = False) -> CascadeSamples:
+    """Draw `num` cascaded samples, `batch_size` at a time; CDM section 4 for the two modes.
+    aug_mode "non_truncated": base runs to z_0, which is forward-noised to z_s.
+    aug_mode "truncated": the base chain stops at state s - 1 and hands its z_s over; the base
+    clean estimate shown is the model's x0 prediction there."""
+    device = next(base.model.parameters()).device
+    channels = base.model.out[-1].out_channels
+    if labels is None:
+        labels = default_labels(num, base.model.num_classes or sr.model.num_classes, device)
+    outputs = []
+    batches = range(0, num, batch_size)
+    for start in tqdm(batches, desc="sampling", disable=not progress, leave=False):
+        n = min(batch_size, num - start)
+        y = labels[start:start + n] if labels is not None else None
+        base_cond = {"y": y} if base.model.num_classes else {}
+        levels = torch.full((n,), aug_level, device=device, dtype=torch.long)
+        noise = torch.randn((n, channels, base.model.image_size, base.model.image_size),
+                            generator=generator, device=device)
+        with autocast(device, bf16):
+            if aug_mode == "truncated" and aug_level > 0:
+                z_s = base.diffusion.sample(base.model, noise, base_cond, base.sampler,
+                                            end=aug_level - 1, generator=generator)
+                z_0 = base.diffusion.model_predictions(base.model, z_s, levels - 1, base_cond,
+                                                       clip_x0=True).x0
+            else:
+                z_0 = base.diffusion.sample(base.model, noise, base_cond, base.sampler,
+                                            generator=generator)
+                z_s = noise_low_res(z_0, levels, base.diffusion, generator)
+            cond = sr_cond(z_s, levels, y if sr.model.num_classes else None)
+            sr_noise = torch.randn((n, channels, sr.model.image_size, sr.model.image_size),
+                                   generator=generator, device=device)
+            images = sr.diffusion.sample(sr.model, sr_noise, cond, sr.sampler, generator=generator)
+        outputs.append((z_0.float(), z_s.float(), images.float()))
+    base_out, low_res, images = (torch.cat(parts) for parts in zip(*outputs))
+    return CascadeSamples(base_out, low_res, images, labels)
+
+
+def with_sampler(stage: Stage, **changes) -> Stage:
+    """A copy of `stage` whose sampler settings are changed (e.g. steps=25)."""
+    return replace(stage, sampler=replace(stage.sampler, **changes))

@@ -1,0 +1,104 @@
+"""One self-describing checkpoint file for the whole cascade.
+
+Layout (a plain dict of tensors, numbers and strings, loadable with weights_only=True):
+  format_version  int, FORMAT_VERSION
+  config          Config.to_dict(): enough to rebuild both stages without other input
+  step            optimizer steps done
+  base, sr        {"model": state_dict, "ema": state_dict, "optimizer": state_dict}
+  rng             {"torch": CPU RNG state, "cuda": [per-device states], "generator": the
+                   training generator's state}
+  metrics         {"skipped_steps": int, ...}
+Files are written atomically: to a temporary file in the same folder, fsynced, then renamed over
+the old one, so a crash or a full disk mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from cdm.config import Config, ConfigError, config_from_dict
+from cdm.errors import UserError
+
+FORMAT_VERSION = 1
+STAGES = ("base", "sr")
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used, with the reason."""
+
+
+def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:
+    """Write `payload` to `path` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UserError(f"could not write checkpoint '{path}' ({err.strerror}); "
+                            f"the previous checkpoint, if any, is untouched") from None
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
+    """Load and check a cascade checkpoint; raises CheckpointError with one line on any problem.
+    Uses torch.load(weights_only=True): no code from the file is run."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}': no such file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint '{path}': not a torch checkpoint file (truncated, "
+                              f"corrupted or another format)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"checkpoint '{path}': cannot be read as a cdm checkpoint "
+                              f"(corrupted, or holds more than tensors and plain data): {reason}") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(f"checkpoint '{path}': not a cdm checkpoint (no format_version)")
+    version = ckpt["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}': format version {version} is not supported "
+                              f"by this cdm (it reads version {FORMAT_VERSION}); "
+                              f"{'update cdm' if version > FORMAT_VERSION else 'retrain'}")
+    missing = [k for k in ("config", "step", *STAGES) if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}': missing entries {missing}")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, path: str | os.PathLike) -> Config:
+    """The Config stored in a checkpoint, validated."""
+    try:
+        return config_from_dict(ckpt["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint '{path}': its stored config is invalid: {err}") from None
+
+
+def load_state(module: torch.nn.Module, state: dict, path: str | os.PathLike, what: str) -> None:
+    """load_state_dict that reports a shape/key mismatch as a CheckpointError."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(f"checkpoint '{path}': {what} does not fit the model built from "
+                              f"the config (another config?): {detail}") from None

@@ -1,0 +1,315 @@
+"""Configuration: a typed dataclass tree loaded from YAML and validated once.
+
+Every field has a default and a comment. `load_config(path, overrides)` reads a YAML file,
+applies `--set key.path=value` overrides, rejects unknown keys and wrong types, and runs the
+cross-field checks in `Config.validate()`. Any problem raises `ConfigError` with one line that
+names the key and what is expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cdm.errors import UserError
+
+DATA_ROOT_ENV = "CDM_DATA_ROOT"  # environment variable that overrides data.root
+
+
+class ConfigError(UserError):
+    """A config file, key or value a user must fix."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # MNIST folder (torchvision layout); $CDM_DATA_ROOT overrides it
+    download: bool = True  # fetch MNIST into `root` when it is missing
+    channels: int = 1  # 1 for MNIST; 3 repeats the grey channel (every module is channel-generic)
+
+
+@dataclass
+class ModelConfig:
+    channels: int = 64  # width of the first UNet level
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per level
+    num_res_blocks: int = 2  # residual blocks per level (the decoder has one more)
+    attention_resolutions: list[int] = field(default_factory=list)  # feature sizes with self-attention
+    num_heads: int = 4  # attention heads
+    dropout: float = 0.0  # dropout inside residual blocks
+    norm_groups: int = 32  # GroupNorm groups (must divide every level's width)
+    num_classes: int = 0  # >0: class-conditional, label embedding with a reserved null label
+    upsample_mode: str = "bilinear"  # SR stage: how the low-res input is resized (bilinear|bicubic)
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000  # T, number of forward-process steps
+    schedule: str = "cosine"  # beta schedule: linear (DDPM) | cosine (Nichol & Dhariwal)
+    prediction: str = "v"  # what the UNet predicts: eps | v (Salimans & Ho 2022)
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 64  # images per step for this stage (taken from the shared batch)
+    lr: float = 2e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 200  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    ema_decay: float = 0.999  # EMA of the weights; previews and sampling use the EMA copy
+    crop_size: int = 0  # >0: train on random square patches of this size (SR stage); 0 = whole image
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "ddim"  # ddpm (ancestral, DDPM Alg. 2) | ddim (Song et al. 2021)
+    steps: int = 50  # number of denoising steps (ddpm with steps < T uses a respaced chain)
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance
+    clip_x0: bool = True  # clamp the predicted x0 to [-1, 1] at every step
+
+
+@dataclass
+class StageConfig:
+    image_size: int = 8  # resolution this stage generates
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class AugmentConfig:
+    """Conditioning augmentation of the SR stage (CDM section 4). The noise uses the base
+    stage's schedule, so `aug_level` s is the base state after s forward steps (0 = clean)."""
+
+    max_level: int = 200  # training draws s uniformly from [0, max_level]
+    aug_level: int = 50  # s used at sampling time (sample.py --aug-level overrides)
+    aug_mode: str = "truncated"  # truncated | non_truncated (sample.py --aug-mode overrides)
+    blur_prob: float = 0.5  # fraction of training examples whose low-res input is blurred
+    blur_sigma: list[float] = field(default_factory=lambda: [0.4, 0.6])  # blur sigma range (LR pixels)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10000  # optimizer steps (both stages step once per batch)
+    log_every: int = 50  # steps between log lines / metrics.jsonl rows
+    sample_every: int = 1000  # steps between preview grids (0 disables)
+    save_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    num_preview: int = 64  # samples in each preview grid
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: str = "auto"  # torch.compile the UNets: auto (on CUDA only) | always | never
+    channels_last: bool = True  # NHWC memory format for the convolutions
+
+
+@dataclass
+class Config:
+    run_name: str = "cdm_mnist"  # output/<run_name>/ holds grids, checkpoint, metrics
+    out_dir: str = "output"  # parent folder of all runs
+    seed: int = 0  # seeds data order, noise, dropout: same seed -> same run on CPU
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    base: StageConfig = field(default_factory=StageConfig)
+    sr: StageConfig = field(default_factory=lambda: StageConfig(image_size=32))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field checks; raises ConfigError naming the first bad key."""
+        _check(self.data.channels in (1, 3), "data.channels", "1 or 3", self.data.channels)
+        for name in ("base", "sr"):
+            _validate_stage(getattr(self, name), name)
+        base, sr = self.base, self.sr
+        _check(sr.image_size > base.image_size and sr.image_size % base.image_size == 0,
+               "sr.image_size", f"a multiple of base.image_size ({base.image_size}), larger than it",
+               sr.image_size)
+        _check(sr.model.upsample_mode in ("bilinear", "bicubic"), "sr.model.upsample_mode",
+               "bilinear or bicubic", sr.model.upsample_mode)
+        _check(base.optim.crop_size == 0, "base.optim.crop_size",
+               "0 (patches are for the SR stage)", base.optim.crop_size)
+        crop = sr.optim.crop_size
+        if crop:
+            scale = sr.image_size // base.image_size
+            levels = 2 ** (len(sr.model.channel_mult) - 1)
+            _check(crop <= sr.image_size and crop % scale == 0 and crop % levels == 0,
+                   "sr.optim.crop_size", f"0 or a size <= {sr.image_size} divisible by {scale} "
+                   f"and by {levels}", crop)
+        T = base.diffusion.timesteps
+        a = self.augment
+        _check(0 <= a.max_level <= T, "augment.max_level", f"in [0, base T = {T}]", a.max_level)
+        _check(0 <= a.aug_level <= a.max_level, "augment.aug_level",
+               f"in [0, augment.max_level = {a.max_level}]", a.aug_level)
+        _check(a.aug_mode in AUG_MODES, "augment.aug_mode", " or ".join(AUG_MODES), a.aug_mode)
+        _check(0.0 <= a.blur_prob <= 1.0, "augment.blur_prob", "in [0, 1]", a.blur_prob)
+        _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1],
+               "augment.blur_sigma", "[low, high] with 0 < low <= high", a.blur_sigma)
+        t = self.train
+        _check(t.steps > 0, "train.steps", "> 0", t.steps)
+        for key in ("log_every", "save_every"):
+            _check(getattr(t, key) > 0, f"train.{key}", "> 0", getattr(t, key))
+        _check(t.sample_every >= 0, "train.sample_every", ">= 0 (0 disables)", t.sample_every)
+        _check(t.num_preview > 0, "train.num_preview", "> 0", t.num_preview)
+        _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16",
+               t.precision)
+        _check(t.compile in ("auto", "always", "never"), "train.compile", "auto, always or never",
+               t.compile)
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "device", "auto, cpu, cuda or cuda:N", self.device)
+        _check(bool(self.run_name) and "/" not in self.run_name, "run_name",
+               "a non-empty folder name without '/'", self.run_name)
+        return self
+
+    @property
+    def data_root(self) -> str:
+        """data.root, unless the CDM_DATA_ROOT environment variable is set."""
+        return os.environ.get(DATA_ROOT_ENV) or self.data.root
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+AUG_MODES = ("truncated", "non_truncated")
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _check(ok: bool, key: str, expected: str, got) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {got!r}")
+
+
+def _validate_stage(stage: StageConfig, name: str) -> None:
+    m, d, o, s = stage.model, stage.diffusion, stage.optim, stage.sampler
+    _check(stage.image_size >= 4, f"{name}.image_size", ">= 4", stage.image_size)
+    _check(m.channels > 0, f"{name}.model.channels", "> 0", m.channels)
+    _check(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult),
+           f"{name}.model.channel_mult", "a non-empty list of positive ints", m.channel_mult)
+    down = 2 ** (len(m.channel_mult) - 1)
+    _check(stage.image_size % down == 0, f"{name}.image_size",
+           f"divisible by 2**(len(channel_mult)-1) = {down}", stage.image_size)
+    reached = [stage.image_size // 2 ** i for i in range(len(m.channel_mult))]
+    for r in m.attention_resolutions:
+        _check(r in reached, f"{name}.model.attention_resolutions",
+               f"resolutions this UNet reaches {reached}", m.attention_resolutions)
+    _check(m.num_res_blocks >= 1, f"{name}.model.num_res_blocks", ">= 1", m.num_res_blocks)
+    _check(m.num_heads >= 1, f"{name}.model.num_heads", ">= 1", m.num_heads)
+    for mult in m.channel_mult:
+        width = m.channels * mult
+        _check(width % m.norm_groups == 0, f"{name}.model.norm_groups",
+               f"a divisor of every level's width ({width} at mult {mult})", m.norm_groups)
+        if m.attention_resolutions:
+            _check(width % m.num_heads == 0, f"{name}.model.num_heads",
+                   f"a divisor of every level's width ({width})", m.num_heads)
+    _check(0.0 <= m.dropout < 1.0, f"{name}.model.dropout", "in [0, 1)", m.dropout)
+    _check(m.num_classes >= 0, f"{name}.model.num_classes", ">= 0", m.num_classes)
+    _check(d.timesteps >= 2, f"{name}.diffusion.timesteps", ">= 2", d.timesteps)
+    _check(d.schedule in SCHEDULES, f"{name}.diffusion.schedule", " or ".join(SCHEDULES), d.schedule)
+    _check(d.prediction in PREDICTIONS, f"{name}.diffusion.prediction", " or ".join(PREDICTIONS),
+           d.prediction)
+    _check(o.batch_size >= 1, f"{name}.optim.batch_size", ">= 1", o.batch_size)
+    _check(o.lr > 0, f"{name}.optim.lr", "> 0", o.lr)
+    _check(o.weight_decay >= 0, f"{name}.optim.weight_decay", ">= 0", o.weight_decay)
+    _check(o.warmup_steps >= 0, f"{name}.optim.warmup_steps", ">= 0", o.warmup_steps)
+    _check(o.grad_clip >= 0, f"{name}.optim.grad_clip", ">= 0 (0 disables)", o.grad_clip)
+    _check(0.0 <= o.ema_decay < 1.0, f"{name}.optim.ema_decay", "in [0, 1)", o.ema_decay)
+    _check(o.crop_size >= 0, f"{name}.optim.crop_size", ">= 0", o.crop_size)
+    _check(s.name in SAMPLERS, f"{name}.sampler.name", " or ".join(SAMPLERS), s.name)
+    _check(1 <= s.steps <= d.timesteps, f"{name}.sampler.steps",
+           f"in [1, {name}.diffusion.timesteps = {d.timesteps}]", s.steps)
+    _check(0.0 <= s.eta <= 1.0, f"{name}.sampler.eta", "in [0, 1]", s.eta)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def from_dict(cls, data, prefix: str = "", base=None):
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types. Keys not
+    given keep the values of `base` (default: cls()), so a partial section keeps the defaults of
+    its parent (e.g. `sr: {optim: ...}` still has sr.image_size = 32)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}; valid keys here: "
+                              f"{', '.join(names)}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = from_dict(hints[key], value, path + ".", getattr(base, key))
+        else:
+            kwargs[key] = _coerce(hints[key], value, path)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _coerce(hint, value, path: str):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}': expected a list of {item.__name__}, "
+                              f"got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"config key '{path}': expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `key.path=value` (value parsed as YAML) to a nested dict, in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{assignment}': expected key.path=value, "
+                          f"e.g. train.steps=200")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict) -> Config:
+    return from_dict(Config, data).validate()
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from the defaults), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"config file '{path}': cannot read it ({err.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}': not valid YAML ({err})".replace("\n", " "))
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}': expected a mapping of sections at the top")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)

@@ -1,0 +1,191 @@
+"""Gaussian diffusion: schedules, forward process, posterior, loss and samplers.
+
+Timestep convention, used everywhere in cdm: `t` is an integer state index in [0, T-1], a
+LongTensor of shape (B,). State t is the image after t+1 forward steps, so
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with abar_t = prod_{i<=t} (1 - beta_i).
+The index -1 stands for the clean image x_0 (abar = 1); samplers move from t to an earlier state
+t_prev >= -1. The diffusion object holds no weights: the model is passed in and the
+conditioning travels as a dict `cond`, forwarded as `model(x_t, t, **cond)` without being opened.
+
+Papers: DDPM = Ho et al. 2020; DDIM = Song et al. 2021; cosine schedule = Nichol & Dhariwal
+2021; v-prediction = Salimans & Ho 2022.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from cdm.config import DiffusionConfig, SamplerConfig
+
+
+def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
+    """Betas in float64. linear: DDPM section 4 (1e-4 .. 0.02 scaled to T steps);
+    cosine: Nichol & Dhariwal Eq. 17, abar(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008."""
+    if name == "linear":
+        scale = 1000 / timesteps
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    if name == "cosine":
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown beta schedule {name!r}")
+
+
+def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """table[t] for a batch of indices t (B,), shaped (B, 1, ..., 1) to broadcast over ndim dims."""
+    return table[t].view(-1, *([1] * (ndim - 1)))
+
+
+class Prediction(NamedTuple):
+    eps: torch.Tensor  # predicted noise, (B, C, H, W)
+    x0: torch.Tensor  # predicted clean image, (B, C, H, W)
+
+
+class GaussianDiffusion:
+    def __init__(self, cfg: DiffusionConfig, device: torch.device | str = "cpu"):
+        self.num_timesteps = cfg.timesteps
+        self.prediction = cfg.prediction
+        betas = beta_schedule(cfg.schedule, cfg.timesteps)  # beta_t, float64
+        alpha_bar = torch.cumprod(1 - betas, dim=0)  # \bar\alpha_t
+
+        def table(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, dtype=torch.float32)
+
+        # forward process q(x_t | x_0), DDPM Eq. 4
+        self.betas = table(betas)  # \beta_t
+        self.alpha_bar = table(alpha_bar)  # \bar\alpha_t
+        # abar with the clean state prepended: alpha_bar_padded[t + 1] = abar_t, abar_{-1} = 1.
+        # Kept in float64: samplers form 1 - abar_t / abar_prev, which float32 rounds badly.
+        self.alpha_bar_padded = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar]).to(device)
+        self.sqrt_alpha_bar = table(alpha_bar.sqrt())  # \sqrt{\bar\alpha_t}
+        self.sqrt_one_minus_alpha_bar = table((1 - alpha_bar).sqrt())  # \sqrt{1-\bar\alpha_t}
+
+    # ------------------------------------------------------------------ forward process
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), DDPM Eq. 4.
+        x0, noise: (B, C, H, W); t: (B,) in [0, T-1]."""
+        return (extract(self.sqrt_alpha_bar, t, x0.ndim) * x0
+                + extract(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise)
+
+    def abar(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """\\bar\\alpha_t for t in [-1, T-1] (abar_{-1} = 1: the clean image), float64, shaped to
+        broadcast; callers cast the coefficients they form to float32."""
+        return extract(self.alpha_bar_padded, t + 1, ndim)
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                    t_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t_prev} | x_t, x_0), DDPM Eq. 6-7, for any earlier state
+        t_prev < t (t_prev = t - 1 is the usual one-step posterior; larger gaps are the respaced
+        chain of Nichol & Dhariwal section 4). With a = abar_t / abar_prev, b = 1 - a:
+        mean = sqrt(abar_prev) b / (1 - abar_t) x_0 + sqrt(a) (1 - abar_prev) / (1 - abar_t) x_t,
+        var = b (1 - abar_prev) / (1 - abar_t)."""
+        abar_t, abar_prev = self.abar(t, x_t.ndim), self.abar(t_prev, x_t.ndim)
+        alpha = abar_t / abar_prev  # \alpha_t over the gap
+        beta = 1 - alpha  # \beta_t over the gap
+        coef_x0 = (abar_prev.sqrt() * beta / (1 - abar_t)).float()
+        coef_xt = (alpha.sqrt() * (1 - abar_prev) / (1 - abar_t)).float()
+        mean = coef_x0 * x0 + coef_xt * x_t  # \tilde\mu_t, Eq. 7
+        var = (beta * (1 - abar_prev) / (1 - abar_t)).float()  # \tilde\beta_t, Eq. 7
+        return mean, var
+
+    # ------------------------------------------------------------------ parametrisations
+
+    def predict_x0_from_eps(self, x_t, t, eps):
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), DDPM Eq. 4 solved for x_0."""
+        return (x_t - extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * eps) \
+            / extract(self.sqrt_alpha_bar, t, x_t.ndim)
+
+    def predict_eps_from_x0(self, x_t, t, x0):
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of the above."""
+        return (x_t - extract(self.sqrt_alpha_bar, t, x_t.ndim) * x0) \
+            / extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim)
+
+    def v_target(self, x0, t, eps):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Salimans & Ho 2022 section 4."""
+        return extract(self.sqrt_alpha_bar, t, x0.ndim) * eps \
+            - extract(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0
+
+    def predict_x0_from_v(self, x_t, t, v):
+        """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+        return extract(self.sqrt_alpha_bar, t, x_t.ndim) * x_t \
+            - extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
+
+    def model_predictions(self, model: Callable, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
+                          clip_x0: bool) -> Prediction:
+        """Run the model once and express its output as (eps, x0). With clip_x0 the x0 estimate
+        is clamped to [-1, 1] and eps recomputed to match it."""
+        out = model(x_t, t, **cond).float()  # (B, C, H, W)
+        if self.prediction == "eps":
+            eps, x0 = out, self.predict_x0_from_eps(x_t, t, out)
+        else:
+            x0 = self.predict_x0_from_v(x_t, t, out)
+            eps = self.predict_eps_from_x0(x_t, t, x0)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = self.predict_eps_from_x0(x_t, t, x0)
+        return Prediction(eps, x0)
+
+    # ------------------------------------------------------------------ training
+
+    def training_loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, cond: dict,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """Per-example loss (B,): DDPM Alg. 1 / Eq. 14, || target - model(x_t, t) ||^2 averaged
+        over pixels, with target eps or v."""
+        x_t = self.q_sample(x0, t, noise)
+        target = noise if self.prediction == "eps" else self.v_target(x0, t, noise)
+        out = model(x_t, t, **cond)
+        assert out.shape == target.shape, f"model output {tuple(out.shape)} != {tuple(target.shape)}"
+        return F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+
+    # ------------------------------------------------------------------ sampling
+
+    def timesteps(self, steps: int, end: int = -1) -> list[int]:
+        """`steps`+1 descending states from T-1 down to `end` (-1 = clean), evenly spaced; a
+        sampler evaluates the model at all but the last and steps from each to the next."""
+        steps = max(1, min(steps, self.num_timesteps - 1 - end))
+        points = torch.linspace(self.num_timesteps - 1, end, steps + 1, dtype=torch.float64)
+        return sorted({int(p) for p in points.round()}, reverse=True)
+
+    def p_sample(self, model, x_t, t, t_prev, cond, clip_x0, generator=None):
+        """One ancestral step x_{t_prev} ~ p(x_{t_prev} | x_t) = q(x_{t_prev} | x_t, x0_hat),
+        DDPM Alg. 2 with the posterior variance; no noise is added on the step to x_0."""
+        pred = self.model_predictions(model, x_t, t, cond, clip_x0)
+        mean, var = self.q_posterior(pred.x0, x_t, t, t_prev)
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device)
+        return mean + var.sqrt() * noise  # var is 0 where t_prev = -1
+
+    def ddim_step(self, model, x_t, t, t_prev, cond, clip_x0, eta, generator=None):
+        """One DDIM step, Song et al. Eq. 12: x_prev = sqrt(abar_prev) x0_hat
+        + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z, sigma from Eq. 16 scaled by eta."""
+        pred = self.model_predictions(model, x_t, t, cond, clip_x0)
+        abar_t, abar_prev = self.abar(t, x_t.ndim), self.abar(t_prev, x_t.ndim)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()  # Eq. 16
+        coef_eps = (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt()
+        x_prev = abar_prev.sqrt().float() * pred.x0 + coef_eps.float() * pred.eps
+        sigma = sigma.float()
+        if eta > 0:
+            x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+        return x_prev
+
+    @torch.inference_mode()
+    def sample(self, model, noise: torch.Tensor, cond: dict, sampler: SamplerConfig,
+               end: int = -1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Run the reverse process from x_{T-1} = noise (B, C, H, W) down to state `end`
+        (-1: the clean image; end >= 0 stops early, as truncated conditioning augmentation
+        needs). `ddpm` with steps = T - 1 - end is the full ancestral chain."""
+        x = noise
+        points = self.timesteps(sampler.steps, end)
+        batch = noise.shape[0]
+        for t, t_prev in zip(points[:-1], points[1:]):
+            t_batch = torch.full((batch,), t, device=x.device, dtype=torch.long)
+            prev_batch = torch.full((batch,), t_prev, device=x.device, dtype=torch.long)
+            if sampler.name == "ddpm":
+                x = self.p_sample(model, x, t_batch, prev_batch, cond, sampler.clip_x0, generator)
+            else:
+                x = self.ddim_step(model, x, t_batch, prev_batch, cond, sampler.clip_x0,
+                                   sampler.eta, generator)
+        return x

@@ -1,0 +1,18 @@
+"""User-facing errors: one clear line and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, bad file, bad argument)."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(); print a UserError as one line on stderr and exit with code 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

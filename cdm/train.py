@@ -1,0 +1,276 @@
+"""Train the base and SR stages together, from one data stream (`train(cfg)`).
+
+Each step draws one batch of 32x32 digits. The base stage learns the 8x8 downsampled batch; the
+SR stage learns the 32x32 batch given its own 8x8 version, blurred and noised by conditioning
+augmentation. Each stage has its own UNet, AdamW, warm-up, gradient clipping and EMA.
+The loop reads top to bottom: lr -> batch -> cond -> loss -> backward -> clip -> step -> EMA ->
+log -> preview -> checkpoint. Ctrl-C saves a checkpoint before exiting.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from cdm.augment import blur_low_res, noise_low_res, sample_aug_levels, sr_cond
+from cdm.cascade import Stage, build_stage, sample_cascade
+from cdm.checkpoint import FORMAT_VERSION, STAGES, checkpoint_config, load_checkpoint, load_state, save_checkpoint
+from cdm.config import Config, StageConfig
+from cdm.data import downsample, load_mnist
+from cdm.diffusion import GaussianDiffusion
+from cdm.errors import UserError
+from cdm.grids import save_cascade_grids
+from cdm.runtime import autocast, git_commit, resolve_device, use_bf16
+from cdm.unet import UNet, upsample_low_res
+
+
+@dataclass
+class TrainStage:
+    name: str
+    cfg: StageConfig
+    model: UNet  # the trained weights (uncompiled module: what is saved)
+    forward: Callable  # model, or torch.compile(model)
+    ema: UNet  # exponential moving average of `model`, used for sampling
+    optimizer: torch.optim.Optimizer
+    diffusion: GaussianDiffusion
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def ema_decay(step: int, cfg: StageConfig) -> float:
+    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)): early on the average
+    forgets the random initial weights quickly, which matters in short runs."""
+    return min(cfg.optim.ema_decay, (1 + step) / (10 + step))
+
+
+def learning_rate(step: int, cfg: StageConfig) -> float:
+    """Linear warm-up over warmup_steps, then constant."""
+    warmup = cfg.optim.warmup_steps
+    return cfg.optim.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.optim.lr
+
+
+def make_stage(cfg: Config, name: str, device: torch.device, compile_model: bool,
+               channels_last: bool) -> TrainStage:
+    stage_cfg: StageConfig = getattr(cfg, name)
+    model, diffusion = build_stage(cfg, name, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage_cfg.optim.lr,
+                                  weight_decay=stage_cfg.optim.weight_decay,
+                                  fused=fused or None, foreach=None if fused else True)
+    forward = torch.compile(model) if compile_model else model
+    return TrainStage(name, stage_cfg, model, forward, ema, optimizer, diffusion)
+
+
+def train_step(stage: TrainStage, x0: torch.Tensor, cond: dict, step: int, bf16: bool,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step of one stage. Returns per-example losses (B,), their timesteps (B,)
+    and the gradient norm before clipping, all as device tensors (no host sync)."""
+    B = x0.shape[0]
+    t = torch.randint(0, stage.diffusion.num_timesteps, (B,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    with autocast(x0.device, bf16):
+        losses = stage.diffusion.training_loss(stage.forward, x0, t, cond, noise)  # (B,)
+    for group in stage.optimizer.param_groups:
+        group["lr"] = learning_rate(step, stage.cfg)
+    stage.optimizer.zero_grad(set_to_none=True)
+    losses.mean().backward()
+    clip = stage.cfg.optim.grad_clip or math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), clip)
+    stage.optimizer.step()
+    ema_update(stage.ema, stage.model, ema_decay(step, stage.cfg))
+    return losses.detach(), t, grad_norm
+
+
+def random_crop(tensors: list[torch.Tensor], size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The same random size x size window of each (B, C, H, W) tensor (one offset per batch)."""
+    H = tensors[0].shape[-1]
+    i, j = torch.randint(0, H - size + 1, (2,), generator=generator, device=generator.device).tolist()
+    return [x[..., i:i + size, j:j + size] for x in tensors]
+
+
+class LossMeter:
+    """Sums of per-example losses on the device, overall and by timestep quartile; read (one
+    host sync) only when logging."""
+
+    def __init__(self, timesteps: int, device: torch.device):
+        self.timesteps = timesteps
+        self.sums = torch.zeros(5, device=device)  # [all, q1, q2, q3, q4]
+        self.counts = torch.zeros(5, device=device)
+
+    def add(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        quartile = 1 + (t * 4 // self.timesteps)  # (B,) in 1..4
+        self.sums.index_add_(0, quartile, losses.float())
+        self.counts.index_add_(0, quartile, torch.ones_like(losses, dtype=torch.float))
+        self.sums[0] += losses.float().sum()
+        self.counts[0] += losses.numel()
+
+    def read(self) -> dict[str, float]:
+        means = (self.sums / self.counts.clamp(min=1)).tolist()
+        self.sums.zero_()
+        self.counts.zero_()
+        return {"loss": means[0], **{f"loss_q{q}": means[q] for q in range(1, 5)}}
+
+
+def preview(stages: dict[str, TrainStage], cfg: Config, step: int, bf16: bool) -> float:
+    """Draw num_preview cascaded samples from the EMA weights with a fixed seed (so grids can be
+    compared across steps) and write the three grids; returns the seconds it took."""
+    start = time.perf_counter()
+    device = next(stages["base"].ema.parameters()).device
+    generator = torch.Generator(device).manual_seed(cfg.seed + 1)
+    samples = sample_cascade(
+        *(Stage(stages[n].ema, stages[n].diffusion, stages[n].cfg.sampler) for n in STAGES),
+        num=cfg.train.num_preview, aug_level=cfg.augment.aug_level, aug_mode=cfg.augment.aug_mode,
+        generator=generator, batch_size=cfg.train.num_preview, bf16=bf16)
+    save_cascade_grids(samples, cfg.run_dir / "samples", suffix=f"_step{step:06d}")
+    return time.perf_counter() - start
+
+
+def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
+                       generator: torch.Generator, metrics: dict) -> dict:
+    payload = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "step": step,
+               "metrics": metrics, "git_commit": git_commit(),
+               "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    for name, stage in stages.items():
+        payload[name] = {"model": stage.model.state_dict(), "ema": stage.ema.state_dict(),
+                         "optimizer": stage.optimizer.state_dict()}
+    return payload
+
+
+def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
+            generator: torch.Generator) -> tuple[int, dict]:
+    """Load weights, EMA, optimizers and RNG states from a checkpoint; returns (step, metrics)."""
+    ckpt = load_checkpoint(path, "cpu")
+    stored = checkpoint_config(ckpt, path)
+    for name in STAGES:
+        if getattr(stored, name).model != getattr(cfg, name).model:
+            raise UserError(f"--resume '{path}': its {name}.model config differs from this run's; "
+                            f"resume with the checkpoint's own config (no --config)")
+        stage = stages[name]
+        load_state(stage.model, ckpt[name]["model"], path, f"{name} weights")
+        load_state(stage.ema, ckpt[name]["ema"], path, f"{name} EMA weights")
+        load_state(stage.optimizer, ckpt[name]["optimizer"], path, f"{name} optimizer state")
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["generator"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return int(ckpt["step"]), dict(ckpt.get("metrics", {}))
+
+
+def write_run_info(cfg: Config, device: torch.device) -> None:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / "run_info.json").write_text(json.dumps(
+        {"git_commit": git_commit(), "torch": torch.__version__, "device": str(device),
+         "threads": torch.get_num_threads()}, indent=1))
+
+
+def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) -> Path:
+    """Train both stages for cfg.train.steps steps; returns the final checkpoint's path."""
+    # --- choose-once settings
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # data order, t, noise, aug
+    bf16 = use_bf16(cfg.train.precision, device)
+    compile_model = cfg.train.compile == "always" or (cfg.train.compile == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data, models, optimizers, optional resume
+    images, labels = load_mnist(cfg.data_root, cfg.data.download, cfg.sr.image_size,
+                                cfg.data.channels, device=device)
+    stages = {name: make_stage(cfg, name, device, compile_model, cfg.train.channels_last)
+              for name in STAGES}
+    base, sr = stages["base"], stages["sr"]
+    step, metrics = 0, {"skipped_steps": 0}
+    if resume is not None:
+        step, metrics = restore(resume, cfg, stages, generator)
+    write_run_info(cfg, device)
+    ckpt_path = cfg.run_dir / "checkpoint.pt"
+    log_file = (cfg.run_dir / "metrics.jsonl").open("a")
+    meters = {name: LossMeter(stage.diffusion.num_timesteps, device) for name, stage in stages.items()}
+    batch = max(base.cfg.optim.batch_size, sr.cfg.optim.batch_size)
+    aug = cfg.augment
+
+    def save() -> Path:
+        return save_checkpoint(checkpoint_payload(cfg, stages, step, generator, metrics), ckpt_path)
+
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, desc=cfg.run_name,
+               dynamic_ncols=True)
+    window_start, window_steps, preview_s, train_start = time.perf_counter(), 0, 0.0, time.perf_counter()
+    try:
+        while step < cfg.train.steps:
+            # batch: one draw of 32x32 digits feeds both stages
+            idx = torch.randint(0, images.shape[0], (batch,), generator=generator, device=device)
+            hr = images[idx].contiguous(memory_format=memory_format)  # (B, C, 32, 32)
+            y = labels[idx]  # (B,)
+            lr_img = downsample(hr, cfg.base.image_size)  # (B, C, 8, 8)
+
+            # base stage: learn the 8x8 images
+            nb = base.cfg.optim.batch_size
+            base_cond = {"y": y[:nb]} if cfg.base.model.num_classes else {}
+            out = train_step(base, lr_img[:nb], base_cond, step, bf16, generator)
+            meters["base"].add(*out[:2])
+
+            # SR stage: learn 32x32 given the blurred and noised 8x8 version (CDM section 4)
+            ns = sr.cfg.optim.batch_size
+            levels = sample_aug_levels(ns, aug.max_level, generator, device)  # (Bs,)
+            z = blur_low_res(lr_img[:ns], aug.blur_prob, aug.blur_sigma, generator)
+            z = noise_low_res(z, levels, base.diffusion, generator)  # z_s, (Bs, C, 8, 8)
+            target = hr[:ns]
+            if sr.cfg.optim.crop_size:  # patches: crop the target and the resized conditioning alike
+                z = upsample_low_res(z, cfg.sr.image_size, cfg.sr.model.upsample_mode)
+                target, z = random_crop([target, z], sr.cfg.optim.crop_size, generator)
+            cond = sr_cond(z, levels, y[:ns] if cfg.sr.model.num_classes else None)
+            out = train_step(sr, target, cond, step, bf16, generator)
+            meters["sr"].add(*out[:2])
+            step += 1
+            window_steps += 1
+            bar.update(1)
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "images_per_s": window_steps * batch / elapsed,
+                       "ms_per_step": 1000 * elapsed / window_steps}
+                for name in STAGES:
+                    row.update({f"{name}_{k}": v for k, v in meters[name].read().items()})
+                    row[f"{name}_lr"] = learning_rate(step - 1, stages[name].cfg)
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                bar.set_postfix(base=f"{row['base_loss']:.4f}", sr=f"{row['sr_loss']:.4f}",
+                                img_s=f"{row['images_per_s']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+                preview_s += preview(stages, cfg, step, bf16)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.train.save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted at step {step}: saved {save()}; resume with --resume {ckpt_path}")
+        raise SystemExit(130)
+    bar.close()
+    total = time.perf_counter() - train_start
+    metrics.update(train_seconds=total, preview_seconds=preview_s)
+    path = save()
+    print(f"done: {step} steps in {total:.0f}s (previews {100 * preview_s / max(total, 1e-9):.1f}% "
+          f"of it); checkpoint {path}; grids in {cfg.run_dir / 'samples'}")
+    return path

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from cdm.config import DiffusionConfig, SamplerConfig
+from cdm.diffusion import GaussianDiffusion, beta_schedule
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_endpoints_and_monotonicity(schedule):
+    betas = beta_schedule(schedule, 1000)
+    assert betas.shape == (1000,)
+    assert (betas > 0).all() and (betas < 1).all()
+    d = GaussianDiffusion(DiffusionConfig(schedule=schedule))
+    abar = d.alpha_bar
+    assert (abar[1:] < abar[:-1]).all(), "abar must fall strictly"
+    assert abar[0] > 0.99, "the first step barely noises"
+    assert abar[-1] < 1e-4, "the last step is (almost) pure noise"
+    assert d.abar(torch.tensor([-1]), 1).item() == 1.0
+
+
+def test_linear_schedule_matches_ddpm():
+    betas = beta_schedule("linear", 1000)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+
+
+def test_q_sample_statistics():
+    d = GaussianDiffusion(DiffusionConfig())
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    gen = torch.Generator().manual_seed(0)
+    for step in (10, 300, 900):
+        t = torch.full((20000,), step)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = d.q_sample(x0, t, noise)
+        abar = d.alpha_bar[step].item()
+        assert x_t.mean().item() == pytest.approx(abar ** 0.5 * 0.7, abs=0.02)
+        assert x_t.var().item() == pytest.approx(1 - abar, abs=0.03)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_parametrisations_round_trip(prediction):
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(6, 1, 4, 4, generator=gen) * 2 - 1
+    eps = torch.randn(6, 1, 4, 4, generator=gen)
+    t = torch.tensor([0, 10, 200, 500, 800, 990])
+    x_t = d.q_sample(x0, t, eps)
+    torch.testing.assert_close(d.predict_x0_from_eps(x_t, t, eps), x0, atol=2e-3, rtol=0)
+    torch.testing.assert_close(d.predict_eps_from_x0(x_t, t, x0), eps, atol=1e-3, rtol=0)
+    torch.testing.assert_close(d.predict_x0_from_v(x_t, t, d.v_target(x0, t, eps)), x0, atol=1e-4, rtol=0)
+
+    # a model that outputs the exact target gives back x0 and eps through model_predictions
+    def oracle(x, t_, **cond):
+        return eps if prediction == "eps" else d.v_target(x0, t_, eps)
+
+    pred = d.model_predictions(oracle, x_t, t, {}, clip_x0=False)
+    torch.testing.assert_close(pred.x0, x0, atol=2e-3, rtol=0)
+    torch.testing.assert_close(pred.eps, eps, atol=1e-3, rtol=0)
+
+
+def test_posterior_matches_closed_form():
+    """One-step q(x_{t-1} | x_t, x_0) against DDPM Eq. 7 written with beta_t directly."""
+    d = GaussianDiffusion(DiffusionConfig(schedule="linear"))
+    gen = torch.Generator().manual_seed(2)
+    x0, x_t = torch.randn(4, 1, 3, 3, generator=gen), torch.randn(4, 1, 3, 3, generator=gen)
+    t = torch.tensor([1, 50, 400, 999])
+    mean, var = d.q_posterior(x0, x_t, t, t - 1)
+    betas = beta_schedule("linear", 1000)
+    abar = torch.cumprod(1 - betas, 0)
+    for i, step in enumerate(t.tolist()):
+        b, a, ab, ab_prev = betas[step], 1 - betas[step], abar[step], abar[step - 1]
+        want_mean = ab_prev.sqrt() * b / (1 - ab) * x0[i] + a.sqrt() * (1 - ab_prev) / (1 - ab) * x_t[i]
+        torch.testing.assert_close(mean[i], want_mean.float(), atol=1e-5, rtol=1e-4)
+        assert var[i].item() == pytest.approx(((1 - ab_prev) / (1 - ab) * b).item(), rel=1e-4)
+    # to the clean image: the posterior is x0 itself, with no variance
+    mean0, var0 = d.q_posterior(x0, x_t, torch.zeros(4, dtype=torch.long), torch.full((4,), -1))
+    torch.testing.assert_close(mean0, x0)
+    assert (var0 == 0).all()
+
+
+def test_ddim_eta_one_equals_ancestral_step():
+    """DDIM with eta = 1 uses the posterior variance (Song et al. Eq. 16), so with the same noise
+    it takes exactly the DDPM step."""
+    d = GaussianDiffusion(DiffusionConfig())
+    x_t = torch.randn(3, 1, 4, 4)
+    x0_hat = torch.rand(3, 1, 4, 4) * 2 - 1
+
+    def model(x, t_, **cond):
+        return d.v_target(x0_hat, t_, d.predict_eps_from_x0(x, t_, x0_hat))
+
+    t, t_prev = torch.tensor([500, 20, 999]), torch.tensor([499, 10, 900])
+    a = d.p_sample(model, x_t, t, t_prev, {}, False, torch.Generator().manual_seed(5))
+    b = d.ddim_step(model, x_t, t, t_prev, {}, False, 1.0, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_timesteps_sequence():
+    d = GaussianDiffusion(DiffusionConfig(timesteps=1000))
+    full = d.timesteps(1000)
+    assert full == list(range(999, -2, -1))
+    short = d.timesteps(10, end=49)
+    assert short[0] == 999 and short[-1] == 49 and len(short) == 11
+    assert all(a > b for a, b in zip(short, short[1:]))
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_full_loop_with_zero_model(name):
+    d = GaussianDiffusion(DiffusionConfig(timesteps=50))
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = d.sample(lambda x, t, **c: torch.zeros_like(x), noise, {}, SamplerConfig(name=name, steps=49),
+                   generator=torch.Generator().manual_seed(0))
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    assert out.abs().max() <= 1.0  # a zero v-prediction gives x0 estimates in [-1, 1] after clipping

@@ -1,0 +1,75 @@
+"""The two scripts end to end, as a user runs them (subprocesses, real MNIST from the shared root)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+
+def run(*args, expect=0):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run("train_mnist.py", "--config", "configs/tiny.yaml", "--set", f"out_dir={out}",
+        "--set", "data.download=false", "--set", "train.steps=6", "--no-progress")
+    return out / "tiny"
+
+
+def test_train_mnist_smoke_run_writes_grids_and_checkpoint(trained):
+    assert (trained / "checkpoint.pt").is_file()
+    assert (trained / "metrics.jsonl").read_text().count("\n") == 3  # log_every = 2
+    for name in ("base", "cascade", "side_by_side"):
+        assert (trained / "samples" / f"{name}_step000006.png").is_file()
+    assert (trained / "config.yaml").is_file() and (trained / "run_info.json").is_file()
+
+
+@pytest.mark.parametrize("mode", ["truncated", "non_truncated"])
+def test_sample_writes_pngs_and_npz(trained, tmp_path, mode):
+    out = tmp_path / mode
+    proc = run("sample.py", "--checkpoint", str(trained / "checkpoint.pt"), "--num-samples", "10",
+               "--batch-size", "4", "--aug-mode", mode, "--aug-level", "20", "--out", str(out),
+               "--device", "cpu")
+    assert str(out / "samples.npz") in proc.stdout
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (10, 32, 32, 1) and data["images"].dtype == np.uint8
+    assert data["base"].shape == (10, 8, 8, 1) and data["base"].dtype == np.uint8
+    assert "labels" not in data  # unconditional
+    assert Image.open(out / "cascade.png").size[0] > 32 * 3
+
+
+def test_sampling_is_deterministic_for_a_seed(trained, tmp_path):
+    arrays = []
+    for name in ("a", "b"):
+        run("sample.py", "--checkpoint", str(trained / "checkpoint.pt"), "--num-samples", "4",
+            "--seed", "3", "--out", str(tmp_path / name), "--device", "cpu", "--sampler", "ddpm",
+            "--steps", "5")
+        arrays.append(np.load(tmp_path / name / "samples.npz")["images"])
+    assert np.array_equal(*arrays)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train_mnist.py", "--config", "configs/tiny.yaml", "--set", "train.stepz=3"],
+     "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+    (["train_mnist.py", "--config", "configs/missing.yaml"], "config file 'configs/missing.yaml': cannot read it"),
+    (["sample.py", "--checkpoint", "nowhere.pt"], "checkpoint 'nowhere.pt': no such file"),
+    (["sample.py", "--checkpoint", "configs/tiny.yaml"], "not a torch checkpoint file"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message):
+    proc = run(*args, expect=2)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") <= 1  # at most a device note and the error line
+
+
+def test_sample_rejects_an_aug_level_outside_the_trained_range(trained):
+    proc = run("sample.py", "--checkpoint", str(trained / "checkpoint.pt"), "--aug-level", "999",
+               "--device", "cpu", expect=2)
+    assert "trained on levels 0..200" in proc.stderr

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from cdm.cascade import load_cascade
+from cdm.config import load_config
+from cdm.train import LossMeter, ema_decay, learning_rate, make_stage, train, train_step
+
+from conftest import ROOT
+
+
+def test_tiny_stage_overfits_one_batch(tiny_cfg):
+    torch.manual_seed(0)
+    tiny_cfg.base.optim.lr = 2e-3
+    stage = make_stage(tiny_cfg, "base", torch.device("cpu"), compile_model=False, channels_last=False)
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(1, 1, 8, 8, generator=gen) * 2 - 1).repeat(8, 1, 1, 1)  # one image to memorise
+    t_eval = torch.linspace(100, 999, 8).long()  # at t ~ 0 even a perfect memoriser must guess eps
+    noise_eval = torch.randn(x0.shape, generator=gen)
+
+    def eval_loss():
+        with torch.no_grad():
+            return stage.diffusion.training_loss(stage.model, x0, t_eval, {}, noise_eval).mean().item()
+
+    before = eval_loss()
+    for step in range(300):
+        train_step(stage, x0, {}, step, False, gen)
+    assert eval_loss() < 0.1 * before
+
+
+def test_learning_rate_warms_up_linearly(tiny_cfg):
+    stage = tiny_cfg.base  # warmup_steps = 2, lr = 1e-3
+    assert learning_rate(0, stage) == pytest.approx(5e-4)
+    assert learning_rate(1, stage) == pytest.approx(1e-3)
+    assert learning_rate(100, stage) == pytest.approx(1e-3)
+
+
+def test_ema_decay_warms_up(tiny_cfg):
+    stage = tiny_cfg.sr  # ema_decay = 0.9
+    assert ema_decay(0, stage) == pytest.approx(0.1)
+    assert ema_decay(10, stage) == pytest.approx(11 / 20)
+    assert ema_decay(10_000, stage) == pytest.approx(0.9)
+
+
+def test_loss_meter_buckets_by_quartile():
+    meter = LossMeter(1000, torch.device("cpu"))
+    meter.add(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0, 249, 500, 999]))
+    row = meter.read()
+    assert row["loss"] == pytest.approx(2.75)
+    assert (row["loss_q1"], row["loss_q2"], row["loss_q3"], row["loss_q4"]) == (1.5, 0.0, 3.0, 5.0)
+
+
+def test_cascade_trains_on_mnist_and_loss_falls(tiny_cfg):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"out_dir={tiny_cfg.out_dir}", "data.download=false", "train.steps=60", "train.log_every=20",
+        "train.sample_every=0", "train.save_every=60", "base.optim.batch_size=32", "sr.optim.batch_size=16"])
+    path = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 40, 60]
+    for stage in ("base", "sr"):
+        assert rows[-1][f"{stage}_loss"] < 0.7 * rows[0][f"{stage}_loss"], stage
+    assert path.exists() and (cfg.run_dir / "config.yaml").exists()
+
+
+def state_tensors(ckpt: dict):
+    for stage in ("base", "sr"):
+        for part in ("model", "ema"):
+            yield from ckpt[stage][part].items()
+        for pid, state in ckpt[stage]["optimizer"]["state"].items():
+            yield from ((f"{stage}.opt.{pid}.{k}", v) for k, v in state.items())
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    def cfg(run, steps):
+        return load_config(ROOT / "configs" / "tiny.yaml", [
+            f"out_dir={tmp_path}", f"run_name={run}", "data.download=false", f"train.steps={steps}",
+            "base.model.dropout=0.1", "sr.model.dropout=0.1", "sr.optim.crop_size=16"])
+
+    straight = torch.load(train(cfg("straight", 4), progress=False), weights_only=True)
+    half = train(cfg("resumed", 2), progress=False)
+    resumed = torch.load(train(cfg("resumed", 4), resume=half, progress=False), weights_only=True)
+    assert straight["step"] == resumed["step"] == 4
+    pairs = list(zip(state_tensors(straight), state_tensors(resumed)))
+    assert len(pairs) > 20
+    for (name, a), (_, b) in pairs:
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_rebuilds_the_cascade_from_config_alone(tiny_cfg):
+    path = train(tiny_cfg, progress=False)
+    cfg, stages, ckpt = load_cascade(path, "cpu")
+    assert cfg == tiny_cfg
+    for name, stage in stages.items():
+        for key, value in stage.model.state_dict().items():
+            assert torch.equal(value, ckpt[name]["ema"][key]), key
+    x = torch.randn(2, 1, 8, 8)
+    again = load_cascade(path, "cpu")[1]["base"].model
+    torch.testing.assert_close(stages["base"].model(x, torch.tensor([3, 700])),
+                               again(x, torch.tensor([3, 700])), rtol=0, atol=0)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from cdm.config import ModelConfig
+from cdm.unet import build_unet
+
+SMALL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4],
+                    num_heads=2, norm_groups=8)
+
+
+def randomise(model):
+    """Zero-initialised layers make the output 0 at init; give every weight a value."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_base_and_sr_output_shapes(channels):
+    base = randomise(build_unet(SMALL, 8, channels, super_res=False))
+    sr = randomise(build_unet(SMALL, 32, channels, super_res=True))
+    t = torch.tensor([0, 999])
+    out = base(torch.randn(2, channels, 8, 8), t)
+    assert out.shape == (2, channels, 8, 8)
+    out = sr(torch.randn(2, channels, 32, 32), t, low_res=torch.randn(2, channels, 8, 8),
+             aug_level=torch.tensor([0, 50]))
+    assert out.shape == (2, channels, 32, 32)
+    assert out.abs().sum() > 0
+
+
+def test_sr_accepts_patches_with_resized_conditioning():
+    sr = build_unet(SMALL, 32, 1, super_res=True)
+    out = sr(torch.randn(2, 1, 16, 16), torch.tensor([3, 4]), low_res=torch.randn(2, 1, 16, 16),
+             aug_level=torch.tensor([1, 2]))
+    assert out.shape == (2, 1, 16, 16)
+
+
+def test_output_is_zero_at_init():
+    model = build_unet(SMALL, 8, 1, super_res=False)
+    assert torch.count_nonzero(model(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]))) == 0
+
+
+def test_conditioning_given_iff_configured():
+    base = build_unet(SMALL, 8, 1, super_res=False)
+    sr = build_unet(SMALL, 32, 1, super_res=True)
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([5])
+    with pytest.raises(AssertionError, match="low_res"):
+        base(x, t, low_res=torch.randn(1, 1, 8, 8))
+    with pytest.raises(AssertionError, match="low_res"):
+        sr(torch.randn(1, 1, 32, 32), t)
+    with pytest.raises(AssertionError, match="aug_level"):
+        sr(torch.randn(1, 1, 32, 32), t, low_res=torch.randn(1, 1, 8, 8))
+    with pytest.raises(AssertionError, match="labels"):
+        base(x, t, y=torch.tensor([1]))
+
+
+def test_embeddings_change_the_output():
+    """Time, aug level and label each reach the network."""
+    cfg = ModelConfig(**{**SMALL.__dict__, "num_classes": 10})
+    sr = randomise(build_unet(cfg, 32, 1, super_res=True)).eval()
+    x, lr = torch.randn(1, 1, 32, 32), torch.randn(1, 1, 8, 8)
+
+    def run(t, s, y):
+        return sr(x, torch.tensor([t]), low_res=lr, aug_level=torch.tensor([s]), y=torch.tensor([y]))
+
+    ref = run(10, 0, 3)
+    assert not torch.allclose(ref, run(500, 0, 3))
+    assert not torch.allclose(ref, run(10, 100, 3))
+    assert not torch.allclose(ref, run(10, 0, 10))  # 10 = the null label
