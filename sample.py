@@ -17,7 +17,7 @@ import torch
 from cdm.cascade import load_cascade, sample_cascade, with_sampler
 from cdm.config import AUG_MODES, SAMPLERS
 from cdm.data import to_uint8_nhwc
-from cdm.errors import UserError, run_cli
+from cdm.errors import ArgumentParser, UserError, run_cli
 from cdm.grids import save_cascade_grids
 from cdm.runtime import resolve_device, use_bf16
 
@@ -30,7 +30,7 @@ def positive(text: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by train_mnist.py")
     parser.add_argument("--num-samples", type=positive, default=64)
     parser.add_argument("--batch-size", type=positive, default=500)

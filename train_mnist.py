@@ -14,7 +14,7 @@ import torch
 
 from cdm.checkpoint import checkpoint_config, load_checkpoint
 from cdm.config import apply_override, config_from_dict, load_config
-from cdm.errors import run_cli
+from cdm.errors import ArgumentParser, run_cli
 from cdm.train import train
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -22,7 +22,7 @@ GPU_CONFIG, CPU_CONFIG = "configs/cdm_mnist.yaml", "configs/cdm_mnist_cpu.yaml"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"YAML config (default {GPU_CONFIG}, or {CPU_CONFIG} without CUDA)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set train.steps=200 (repeatable)")

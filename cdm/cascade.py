@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -73,35 +74,53 @@ def sample_cascade(base: Stage, sr: Stage, num: int, aug_level: int, aug_mode: s
     aug_mode "truncated": the base chain stops at state s - 1 and hands its z_s over; the base
     clean estimate shown is the model's x0 prediction there."""
     device = next(base.model.parameters()).device
-    channels = base.model.out[-1].out_channels
     if labels is None:
         labels = default_labels(num, base.model.num_classes or sr.model.num_classes, device)
-    outputs = []
-    batches = range(0, num, batch_size)
-    for start in tqdm(batches, desc="sampling", disable=not progress, leave=False):
+    outputs, start = [], 0
+    bar = tqdm(total=num, desc="sampling", disable=not progress, leave=False)
+    while start < num:
         n = min(batch_size, num - start)
         y = labels[start:start + n] if labels is not None else None
-        base_cond = {"y": y} if base.model.num_classes else {}
-        levels = torch.full((n,), aug_level, device=device, dtype=torch.long)
-        noise = torch.randn((n, channels, base.model.image_size, base.model.image_size),
-                            generator=generator, device=device)
-        with autocast(device, bf16):
-            if aug_mode == "truncated" and aug_level > 0:
-                z_s = base.diffusion.sample(base.model, noise, base_cond, base.sampler,
-                                            end=aug_level - 1, generator=generator)
-                z_0 = base.diffusion.model_predictions(base.model, z_s, levels - 1, base_cond,
-                                                       clip_x0=True).x0
-            else:
-                z_0 = base.diffusion.sample(base.model, noise, base_cond, base.sampler,
-                                            generator=generator)
-                z_s = noise_low_res(z_0, levels, base.diffusion, generator)
-            cond = sr_cond(z_s, levels, y if sr.model.num_classes else None)
-            sr_noise = torch.randn((n, channels, sr.model.image_size, sr.model.image_size),
-                                   generator=generator, device=device)
-            images = sr.diffusion.sample(sr.model, sr_noise, cond, sr.sampler, generator=generator)
-        outputs.append((z_0.float(), z_s.float(), images.float()))
+        try:
+            outputs.append(_sample_batch(base, sr, n, aug_level, aug_mode, y, generator, bf16))
+        except torch.OutOfMemoryError:
+            if n == 1:
+                raise
+            batch_size = max(1, n // 2)
+            tqdm.write(f"out of memory at batch size {n}: retrying with {batch_size}", file=sys.stderr)
+            continue
+        start += n
+        bar.update(n)
+    bar.close()
     base_out, low_res, images = (torch.cat(parts) for parts in zip(*outputs))
     return CascadeSamples(base_out, low_res, images, labels)
+
+
+def _sample_batch(base: Stage, sr: Stage, n: int, aug_level: int, aug_mode: str,
+                  y: torch.Tensor | None, generator: torch.Generator | None, bf16: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of the cascade: (z_0 estimate, z_s given to SR, final images)."""
+    device = next(base.model.parameters()).device
+    channels = base.model.out[-1].out_channels
+    base_cond = {"y": y} if base.model.num_classes else {}
+    levels = torch.full((n,), aug_level, device=device, dtype=torch.long)
+    noise = torch.randn((n, channels, base.model.image_size, base.model.image_size),
+                        generator=generator, device=device)
+    with autocast(device, bf16):
+        if aug_mode == "truncated" and aug_level > 0:
+            z_s = base.diffusion.sample(base.model, noise, base_cond, base.sampler,
+                                        end=aug_level - 1, generator=generator)
+            z_0 = base.diffusion.model_predictions(base.model, z_s, levels - 1, base_cond,
+                                                   clip_x0=True).x0
+        else:
+            z_0 = base.diffusion.sample(base.model, noise, base_cond, base.sampler,
+                                        generator=generator)
+            z_s = noise_low_res(z_0, levels, base.diffusion, generator)
+        cond = sr_cond(z_s, levels, y if sr.model.num_classes else None)
+        sr_noise = torch.randn((n, channels, sr.model.image_size, sr.model.image_size),
+                               generator=generator, device=device)
+        images = sr.diffusion.sample(sr.model, sr_noise, cond, sr.sampler, generator=generator)
+    return z_0.float(), z_s.float(), images.float()
 
 
 def with_sampler(stage: Stage, **changes) -> Stage:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cdm.checkpoint import CheckpointError, save_checkpoint
 from cdm.config import DATA_ROOT_ENV
 from cdm.data import load_mnist
-from cdm.errors import run_cli
+from cdm.errors import ArgumentParser, run_cli
 
 DEFAULT_PATH = Path("output") / "classifier" / "mnist_classifier.pt"
 FEATURE_DIM = 128
@@ -94,7 +94,7 @@ def load_classifier(path: str | os.PathLike) -> MnistClassifier:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(DEFAULT_PATH))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--data-root", default=os.environ.get(DATA_ROOT_ENV, "data"))

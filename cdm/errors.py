@@ -1,6 +1,7 @@
 """User-facing errors: one clear line and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -15,4 +16,12 @@ def run_cli(main: Callable[[], object]) -> None:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: ...`, exit code 2), like UserError."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)

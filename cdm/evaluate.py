@@ -26,7 +26,7 @@ from cdm.cascade import Stage, load_cascade, sample_cascade, with_sampler
 from cdm.classifier import DEFAULT_PATH, load_classifier
 from cdm.config import DATA_ROOT_ENV
 from cdm.data import downsample, load_mnist, to_model_range, to_unit_range
-from cdm.errors import UserError, run_cli
+from cdm.errors import ArgumentParser, UserError, run_cli
 from cdm.grids import nearest_up
 from cdm.runtime import resolve_device, use_bf16
 from cdm.unet import upsample_low_res
@@ -96,7 +96,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="cascade checkpoint to sample and score")
     parser.add_argument("--npz", nargs="*", default=[], help="extra sample files to score beside it")
     parser.add_argument("--num-samples", type=int, default=1000, help="1000 quick, 10000 standard")

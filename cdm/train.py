@@ -11,10 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import yaml
@@ -68,18 +71,23 @@ def make_stage(cfg: Config, name: str, device: torch.device, compile_model: bool
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage_cfg.optim.lr,
-                                  weight_decay=stage_cfg.optim.weight_decay,
-                                  fused=fused or None, foreach=None if fused else True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage_cfg.optim.lr,  # fused: CPU and CUDA
+                                  weight_decay=stage_cfg.optim.weight_decay, fused=True)
     forward = torch.compile(model) if compile_model else model
     return TrainStage(name, stage_cfg, model, forward, ema, optimizer, diffusion)
 
 
+class StepStats(NamedTuple):
+    losses: torch.Tensor  # (B,) per-example loss
+    t: torch.Tensor  # (B,) their timesteps
+    grad_norm: torch.Tensor  # () global gradient norm before clipping
+    skipped: torch.Tensor  # () bool: the loss or gradient was not finite, no update was made
+
+
 def train_step(stage: TrainStage, x0: torch.Tensor, cond: dict, step: int, bf16: bool,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step of one stage. Returns per-example losses (B,), their timesteps (B,)
-    and the gradient norm before clipping, all as device tensors (no host sync)."""
+               generator: torch.Generator) -> StepStats:
+    """One optimizer step of one stage, with no host sync: a non-finite gradient norm makes the
+    fused AdamW skip its update on the device (its `found_inf` flag, as GradScaler uses it)."""
     B = x0.shape[0]
     t = torch.randint(0, stage.diffusion.num_timesteps, (B,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -91,9 +99,11 @@ def train_step(stage: TrainStage, x0: torch.Tensor, cond: dict, step: int, bf16:
     losses.mean().backward()
     clip = stage.cfg.optim.grad_clip or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), clip)
+    skipped = ~torch.isfinite(grad_norm)
+    stage.optimizer.found_inf = skipped.float()
     stage.optimizer.step()
     ema_update(stage.ema, stage.model, ema_decay(step, stage.cfg))
-    return losses.detach(), t, grad_norm
+    return StepStats(losses.detach(), t, grad_norm.detach(), skipped)
 
 
 def random_crop(tensors: list[torch.Tensor], size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -103,27 +113,51 @@ def random_crop(tensors: list[torch.Tensor], size: int, generator: torch.Generat
     return [x[..., i:i + size, j:j + size] for x in tensors]
 
 
-class LossMeter:
-    """Sums of per-example losses on the device, overall and by timestep quartile; read (one
-    host sync) only when logging."""
+class StageMeter:
+    """Device-side sums for one stage between two log rows: loss overall and by timestep
+    quartile, gradient norm, skipped steps. Read (one host sync) only when logging."""
 
     def __init__(self, timesteps: int, device: torch.device):
         self.timesteps = timesteps
-        self.sums = torch.zeros(5, device=device)  # [all, q1, q2, q3, q4]
-        self.counts = torch.zeros(5, device=device)
+        self.sums = torch.zeros(6, device=device)  # [loss, q1, q2, q3, q4, grad_norm]
+        self.counts = torch.zeros(6, device=device)
+        self.skipped = torch.zeros((), device=device)
 
-    def add(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        quartile = 1 + (t * 4 // self.timesteps)  # (B,) in 1..4
-        self.sums.index_add_(0, quartile, losses.float())
-        self.counts.index_add_(0, quartile, torch.ones_like(losses, dtype=torch.float))
-        self.sums[0] += losses.float().sum()
-        self.counts[0] += losses.numel()
+    def add(self, stats: StepStats) -> None:
+        ok = (~stats.skipped).float()  # a skipped step's loss may be nan: count it nowhere
+        losses = torch.where(stats.skipped, 0.0, stats.losses.float())
+        quartile = 1 + (stats.t * 4 // self.timesteps)  # (B,) in 1..4
+        self.sums.index_add_(0, quartile, losses)
+        self.counts.index_add_(0, quartile, ok.expand_as(losses))
+        self.sums[0] += losses.sum()
+        self.counts[0] += ok * losses.numel()
+        self.sums[5] += torch.where(stats.skipped, 0.0, stats.grad_norm.float())
+        self.counts[5] += ok
+        self.skipped += stats.skipped.float()
 
     def read(self) -> dict[str, float]:
         means = (self.sums / self.counts.clamp(min=1)).tolist()
-        self.sums.zero_()
-        self.counts.zero_()
-        return {"loss": means[0], **{f"loss_q{q}": means[q] for q in range(1, 5)}}
+        row = {"loss": means[0], **{f"loss_q{q}": means[q] for q in range(1, 5)},
+               "grad_norm": means[5], "skipped": int(self.skipped.item())}
+        for x in (self.sums, self.counts, self.skipped):
+            x.zero_()
+        return row
+
+
+def check_finite(row: dict, window_steps: int, step: int, metrics: dict, ckpt_path: Path) -> None:
+    """Count skipped (non-finite) steps and warn; stop when every step of a log window was
+    skipped in a stage, leaving the last checkpoint as it was."""
+    for name in STAGES:
+        skipped = row[f"{name}_skipped"]
+        if not skipped:
+            continue
+        metrics["skipped_steps"] += skipped
+        tqdm.write(f"warning: step {step}: {skipped} {name} step(s) had a non-finite loss or "
+                   f"gradient and were skipped ({metrics['skipped_steps']} so far)", file=sys.stderr)
+        if skipped == window_steps:
+            raise UserError(f"training stopped at step {step}: all of the last {window_steps} "
+                            f"{name} steps were non-finite (diverged). The last checkpoint, "
+                            f"{ckpt_path}, is kept as it was; lower {name}.optim.lr and resume")
 
 
 def preview(stages: dict[str, TrainStage], cfg: Config, step: int, bf16: bool) -> float:
@@ -181,6 +215,52 @@ def write_run_info(cfg: Config, device: torch.device) -> None:
          "threads": torch.get_num_threads()}, indent=1))
 
 
+def cascade_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y: torch.Tensor,
+                 step: int, bf16: bool, generator: torch.Generator) -> dict[str, StepStats]:
+    """One step of both stages on one batch of 32x32 digits hr (B, C, 32, 32), labels y (B,)."""
+    base, sr, aug = stages["base"], stages["sr"], cfg.augment
+    lr_img = downsample(hr, cfg.base.image_size)  # (B, C, 8, 8)
+
+    # base stage: learn the 8x8 images
+    nb = base.cfg.optim.batch_size
+    base_cond = {"y": y[:nb]} if cfg.base.model.num_classes else {}
+    base_stats = train_step(base, lr_img[:nb], base_cond, step, bf16, generator)
+
+    # SR stage: learn 32x32 given the blurred and noised 8x8 version (CDM section 4)
+    ns = sr.cfg.optim.batch_size
+    levels = sample_aug_levels(ns, aug.max_level, generator, hr.device)  # (Bs,)
+    z = blur_low_res(lr_img[:ns], aug.blur_prob, aug.blur_sigma, generator)
+    z = noise_low_res(z, levels, base.diffusion, generator)  # z_s, (Bs, C, 8, 8)
+    target = hr[:ns]
+    if sr.cfg.optim.crop_size:  # patches: crop the target and the resized conditioning alike
+        z = upsample_low_res(z, cfg.sr.image_size, cfg.sr.model.upsample_mode)  # (Bs, C, 32, 32)
+        target, z = random_crop([target, z], sr.cfg.optim.crop_size, generator)
+    cond = sr_cond(z, levels, y[:ns] if cfg.sr.model.num_classes else None)
+    return {"base": base_stats, "sr": train_step(sr, target, cond, step, bf16, generator)}
+
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a flag the loop checks between steps, so the step in
+    flight completes and a consistent checkpoint is saved; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) -> Path:
     """Train both stages for cfg.train.steps steps; returns the final checkpoint's path."""
     # --- choose-once settings
@@ -199,78 +279,65 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) 
                                 cfg.data.channels, device=device)
     stages = {name: make_stage(cfg, name, device, compile_model, cfg.train.channels_last)
               for name in STAGES}
-    base, sr = stages["base"], stages["sr"]
-    step, metrics = 0, {"skipped_steps": 0}
+    step, metrics = 0, {"skipped_steps": 0, "train_seconds": 0.0, "preview_seconds": 0.0}
     if resume is not None:
         step, metrics = restore(resume, cfg, stages, generator)
     write_run_info(cfg, device)
     ckpt_path = cfg.run_dir / "checkpoint.pt"
-    log_file = (cfg.run_dir / "metrics.jsonl").open("a")
-    meters = {name: LossMeter(stage.diffusion.num_timesteps, device) for name, stage in stages.items()}
-    batch = max(base.cfg.optim.batch_size, sr.cfg.optim.batch_size)
-    aug = cfg.augment
+    meters = {name: StageMeter(stage.diffusion.num_timesteps, device) for name, stage in stages.items()}
+    batch = max(stages[name].cfg.optim.batch_size for name in STAGES)
 
     def save() -> Path:
         return save_checkpoint(checkpoint_payload(cfg, stages, step, generator, metrics), ckpt_path)
 
+    # --- the loop
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, desc=cfg.run_name,
                dynamic_ncols=True)
-    window_start, window_steps, preview_s, train_start = time.perf_counter(), 0, 0.0, time.perf_counter()
-    try:
-        while step < cfg.train.steps:
-            # batch: one draw of 32x32 digits feeds both stages
-            idx = torch.randint(0, images.shape[0], (batch,), generator=generator, device=device)
-            hr = images[idx].contiguous(memory_format=memory_format)  # (B, C, 32, 32)
-            y = labels[idx]  # (B,)
-            lr_img = downsample(hr, cfg.base.image_size)  # (B, C, 8, 8)
+    window_start, window_steps, session_start = time.perf_counter(), 0, time.perf_counter()
+    with StopRequest() as stop, (cfg.run_dir / "metrics.jsonl").open("a") as log_file:
+        try:
+            while step < cfg.train.steps and not stop.requested:
+                idx = torch.randint(0, images.shape[0], (batch,), generator=generator, device=device)
+                hr = images[idx].contiguous(memory_format=memory_format)  # (B, C, 32, 32)
+                for name, stats in cascade_step(stages, cfg, hr, labels[idx], step, bf16, generator).items():
+                    meters[name].add(stats)
+                step += 1
+                window_steps += 1
+                bar.update(1)
 
-            # base stage: learn the 8x8 images
-            nb = base.cfg.optim.batch_size
-            base_cond = {"y": y[:nb]} if cfg.base.model.num_classes else {}
-            out = train_step(base, lr_img[:nb], base_cond, step, bf16, generator)
-            meters["base"].add(*out[:2])
-
-            # SR stage: learn 32x32 given the blurred and noised 8x8 version (CDM section 4)
-            ns = sr.cfg.optim.batch_size
-            levels = sample_aug_levels(ns, aug.max_level, generator, device)  # (Bs,)
-            z = blur_low_res(lr_img[:ns], aug.blur_prob, aug.blur_sigma, generator)
-            z = noise_low_res(z, levels, base.diffusion, generator)  # z_s, (Bs, C, 8, 8)
-            target = hr[:ns]
-            if sr.cfg.optim.crop_size:  # patches: crop the target and the resized conditioning alike
-                z = upsample_low_res(z, cfg.sr.image_size, cfg.sr.model.upsample_mode)
-                target, z = random_crop([target, z], sr.cfg.optim.crop_size, generator)
-            cond = sr_cond(z, levels, y[:ns] if cfg.sr.model.num_classes else None)
-            out = train_step(sr, target, cond, step, bf16, generator)
-            meters["sr"].add(*out[:2])
-            step += 1
-            window_steps += 1
-            bar.update(1)
-
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "images_per_s": window_steps * batch / elapsed,
-                       "ms_per_step": 1000 * elapsed / window_steps}
-                for name in STAGES:
-                    row.update({f"{name}_{k}": v for k, v in meters[name].read().items()})
-                    row[f"{name}_lr"] = learning_rate(step - 1, stages[name].cfg)
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
-                bar.set_postfix(base=f"{row['base_loss']:.4f}", sr=f"{row['sr_loss']:.4f}",
-                                img_s=f"{row['images_per_s']:.0f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-                preview_s += preview(stages, cfg, step, bf16)
-                window_start, window_steps = time.perf_counter(), 0
-            if step % cfg.train.save_every == 0:
-                save()
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\ninterrupted at step {step}: saved {save()}; resume with --resume {ckpt_path}")
-        raise SystemExit(130)
-    bar.close()
-    total = time.perf_counter() - train_start
-    metrics.update(train_seconds=total, preview_seconds=preview_s)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    row = {"step": step, "images_per_s": window_steps * batch / elapsed,
+                           "ms_per_step": 1000 * elapsed / window_steps}
+                    for name in STAGES:
+                        row.update({f"{name}_{k}": v for k, v in meters[name].read().items()})
+                        row[f"{name}_lr"] = learning_rate(step - 1, stages[name].cfg)
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                    check_finite(row, window_steps, step, metrics, ckpt_path)
+                    bar.set_postfix(base=f"{row['base_loss']:.4f}", sr=f"{row['sr_loss']:.4f}",
+                                    img_s=f"{row['images_per_s']:.0f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+                    seconds = preview(stages, cfg, step, bf16)
+                    metrics["preview_seconds"] += seconds
+                    window_start += seconds  # images/s counts training time only
+                if step % cfg.train.save_every == 0:
+                    save()
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of memory at step {step} with batch {batch}: lower "
+                            f"base.optim.batch_size / sr.optim.batch_size (e.g. --set "
+                            f"sr.optim.batch_size={max(1, batch // 2)}) and resume from "
+                            f"{ckpt_path}") from None
+        finally:
+            bar.close()
+    metrics["train_seconds"] += time.perf_counter() - session_start
     path = save()
-    print(f"done: {step} steps in {total:.0f}s (previews {100 * preview_s / max(total, 1e-9):.1f}% "
-          f"of it); checkpoint {path}; grids in {cfg.run_dir / 'samples'}")
+    if stop.requested:
+        print(f"interrupted at step {step}: saved {path}; continue with "
+              f"python train_mnist.py --resume {path}")
+        raise SystemExit(130)
+    share = 100 * metrics["preview_seconds"] / max(metrics["train_seconds"], 1e-9)
+    print(f"done: {step} steps in {metrics['train_seconds']:.0f}s (previews {share:.1f}% of it); "
+          f"checkpoint {path}; grids in {cfg.run_dir / 'samples'}")
     return path

@@ -5,7 +5,7 @@ import torch
 
 from cdm.cascade import load_cascade
 from cdm.config import load_config
-from cdm.train import LossMeter, ema_decay, learning_rate, make_stage, train, train_step
+from cdm.train import StageMeter, StepStats, ema_decay, learning_rate, make_stage, train, train_step
 
 from conftest import ROOT
 
@@ -43,12 +43,16 @@ def test_ema_decay_warms_up(tiny_cfg):
     assert ema_decay(10_000, stage) == pytest.approx(0.9)
 
 
-def test_loss_meter_buckets_by_quartile():
-    meter = LossMeter(1000, torch.device("cpu"))
-    meter.add(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0, 249, 500, 999]))
+def test_stage_meter_buckets_by_quartile_and_ignores_skipped_steps():
+    meter = StageMeter(1000, torch.device("cpu"))
+    meter.add(StepStats(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0, 249, 500, 999]),
+                        torch.tensor(2.0), torch.tensor(False)))
+    meter.add(StepStats(torch.full((4,), float("nan")), torch.tensor([0, 1, 2, 3]),
+                        torch.tensor(float("inf")), torch.tensor(True)))
     row = meter.read()
-    assert row["loss"] == pytest.approx(2.75)
+    assert row["loss"] == pytest.approx(2.75) and row["grad_norm"] == 2.0 and row["skipped"] == 1
     assert (row["loss_q1"], row["loss_q2"], row["loss_q3"], row["loss_q4"]) == (1.5, 0.0, 3.0, 5.0)
+    assert meter.read()["skipped"] == 0  # reading resets the window
 
 
 def test_cascade_trains_on_mnist_and_loss_falls(tiny_cfg):
