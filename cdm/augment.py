@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cdm.diffusion import GaussianDiffusion
+from cdm.diffusion import GaussianDiffusion, gaussian_noise
 
 
 def sample_aug_levels(batch: int, max_level: int, generator: torch.Generator | None,
@@ -32,8 +32,7 @@ def noise_low_res(low_res: torch.Tensor, aug_level: torch.Tensor, diffusion: Gau
                   generator: torch.Generator | None) -> torch.Tensor:
     """Gaussian conditioning augmentation: z_0 (B, C, h, w) -> z_s with the base forward process
     q(z_s | z_0); rows with s = 0 are returned unchanged."""
-    noise = torch.randn(low_res.shape, generator=generator, device=low_res.device)
-    z_s = diffusion.q_sample(low_res, (aug_level - 1).clamp(min=0), noise)
+    z_s = diffusion.q_sample(low_res, (aug_level - 1).clamp(min=0), gaussian_noise(low_res, generator))
     return torch.where((aug_level > 0).view(-1, 1, 1, 1), z_s, low_res)
 
 

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from cdm.augment import noise_low_res, sr_cond
-from cdm.checkpoint import STAGES, checkpoint_config, load_checkpoint, load_state
+from cdm.checkpoint import STAGES, checkpoint_config, load_checkpoint, load_state, stage_weights
 from cdm.config import Config, SamplerConfig, StageConfig
 from cdm.diffusion import GaussianDiffusion
 from cdm.runtime import autocast
@@ -46,7 +46,7 @@ def load_cascade(path: str | os.PathLike, device: torch.device | str, use_ema: b
     for name in STAGES:
         model, diffusion = build_stage(cfg, name, device)
         key = "ema" if use_ema else "model"
-        load_state(model, ckpt[name][key], path, f"{name} {key} weights")
+        load_state(model, stage_weights(ckpt, name, key, path), path, f"{name} {key} weights")
         stages[name] = Stage(model.eval().requires_grad_(False), diffusion,
                              getattr(cfg, name).sampler)
     return cfg, stages, ckpt
@@ -101,6 +101,7 @@ def _sample_batch(base: Stage, sr: Stage, n: int, aug_level: int, aug_mode: str,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of the cascade: (z_0 estimate, z_s given to SR, final images)."""
     device = next(base.model.parameters()).device
+    sr_device = next(sr.model.parameters()).device  # differs when the stages sit on two GPUs
     channels = base.model.out[-1].out_channels
     base_cond = {"y": y} if base.model.num_classes else {}
     levels = torch.full((n,), aug_level, device=device, dtype=torch.long)
@@ -116,11 +117,12 @@ def _sample_batch(base: Stage, sr: Stage, n: int, aug_level: int, aug_mode: str,
             z_0 = base.diffusion.sample(base.model, noise, base_cond, base.sampler,
                                         generator=generator)
             z_s = noise_low_res(z_0, levels, base.diffusion, generator)
-        cond = sr_cond(z_s, levels, y if sr.model.num_classes else None)
+        cond = {k: v.to(sr_device) for k, v in
+                sr_cond(z_s, levels, y if sr.model.num_classes else None).items()}
         sr_noise = torch.randn((n, channels, sr.model.image_size, sr.model.image_size),
-                               generator=generator, device=device)
+                               generator=generator, device=device).to(sr_device)
         images = sr.diffusion.sample(sr.model, sr_noise, cond, sr.sampler, generator=generator)
-    return z_0.float(), z_s.float(), images.float()
+    return z_0.float(), z_s.float(), images.float().to(device)
 
 
 def with_sampler(stage: Stage, **changes) -> Stage:

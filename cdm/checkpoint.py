@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cdm.config import Config, ConfigError, config_from_dict
-from cdm.errors import UserError
+from cdm.errors import ArgumentParser, UserError, run_cli
 
 FORMAT_VERSION = 1
 STAGES = ("base", "sr")
@@ -94,6 +94,25 @@ def checkpoint_config(ckpt: dict, path: str | os.PathLike) -> Config:
         raise CheckpointError(f"checkpoint '{path}': its stored config is invalid: {err}") from None
 
 
+def export_ema(src: str | os.PathLike, dst: str | os.PathLike, dtype=torch.bfloat16) -> Path:
+    """A small file for sampling only: config, step, metrics and each stage's EMA weights in
+    `dtype` (no raw weights, optimizer or RNG state, so it cannot be resumed)."""
+    ckpt = load_checkpoint(src)
+    out = {k: ckpt[k] for k in ("format_version", "config", "step", "metrics") if k in ckpt}
+    for name in STAGES:
+        out[name] = {"ema": {k: v.to(dtype) if v.is_floating_point() else v
+                             for k, v in ckpt[name]["ema"].items()}}
+    return save_checkpoint(out, dst)
+
+
+def stage_weights(ckpt: dict, name: str, key: str, path: str | os.PathLike) -> dict:
+    """ckpt[name][key] (key: model, ema or optimizer), or a CheckpointError saying it is absent."""
+    if key not in ckpt[name]:
+        raise CheckpointError(f"checkpoint '{path}': holds no {name} {key} state (an exported "
+                              f"file keeps only the EMA weights, for sampling)")
+    return ckpt[name][key]
+
+
 def load_state(module: torch.nn.Module, state: dict, path: str | os.PathLike, what: str) -> None:
     """load_state_dict that reports a shape/key mismatch as a CheckpointError."""
     try:
@@ -103,3 +122,18 @@ def load_state(module: torch.nn.Module, state: dict, path: str | os.PathLike, wh
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise CheckpointError(f"checkpoint '{path}': {what} does not fit the model built from "
                               f"the config (another config?): {detail}") from None
+
+
+def main() -> None:
+    """python -m cdm.checkpoint SRC DST: export SRC's EMA weights (bf16) to DST."""
+    parser = ArgumentParser(prog="python -m cdm.checkpoint",
+                            description="Export a checkpoint's EMA weights (bf16) for sampling.")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    args = parser.parse_args()
+    path = export_ema(args.src, args.dst)
+    print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

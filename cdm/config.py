@@ -102,6 +102,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"  # torch.compile the UNets: auto (on CUDA only) | always | never
     channels_last: bool = True  # NHWC memory format for the convolutions
+    split_stages: bool = False  # base on one GPU, SR on the next (2 GPUs per process)
 
 
 @dataclass

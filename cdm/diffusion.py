@@ -39,6 +39,13 @@ def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return table[t].view(-1, *([1] * (ndim - 1)))
 
 
+def gaussian_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `like`, drawn from `generator` on the generator's own
+    device and moved to like's (they differ when the two stages sit on two GPUs)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device).to(like.device)
+
+
 class Prediction(NamedTuple):
     eps: torch.Tensor  # predicted noise, (B, C, H, W)
     x0: torch.Tensor  # predicted clean image, (B, C, H, W)
@@ -155,8 +162,7 @@ class GaussianDiffusion:
         DDPM Alg. 2 with the posterior variance; no noise is added on the step to x_0."""
         pred = self.model_predictions(model, x_t, t, cond, clip_x0)
         mean, var = self.q_posterior(pred.x0, x_t, t, t_prev)
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device)
-        return mean + var.sqrt() * noise  # var is 0 where t_prev = -1
+        return mean + var.sqrt() * gaussian_noise(x_t, generator)  # var is 0 where t_prev = -1
 
     def ddim_step(self, model, x_t, t, t_prev, cond, clip_x0, eta, generator=None):
         """One DDIM step, Song et al. Eq. 12: x_prev = sqrt(abar_prev) x0_hat
@@ -168,7 +174,7 @@ class GaussianDiffusion:
         x_prev = abar_prev.sqrt().float() * pred.x0 + coef_eps.float() * pred.eps
         sigma = sigma.float()
         if eta > 0:
-            x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+            x_prev = x_prev + sigma * gaussian_noise(x_t, generator)
         return x_prev
 
     @torch.inference_mode()

@@ -1,17 +1,22 @@
-"""Score a cascade checkpoint (and any .npz of samples) like a paper: `python -m cdm.evaluate`.
+"""Score cascade checkpoints (and any .npz of samples) like a paper: `python -m cdm.evaluate`.
 
-    python -m cdm.evaluate --checkpoint output/cdm_mnist_cpu/checkpoint.pt --num-samples 1000 \
-        --npz ../shared/anchors/*.npz --out output/eval
+    python -m cdm.evaluate --checkpoint output/cdm_mnist_cpu/checkpoint.pt --npz ../shared/anchors/*.npz
+    python -m cdm.evaluate --checkpoint CKPT --aug-level 0,25,50,100,200 \
+        --aug-mode truncated,non_truncated --plot --out output/eval_aug      # a sweep: one loop
+    python -m cdm.evaluate --checkpoint CKPT --base-steps 10,25,50 --sr-steps 2,5,10
 
 Sample table: every set is scored against the MNIST test split (10,000 digits) with the
-classifier's features: FD (with its N), precision, recall, class KL from uniform, confidence.
-SR table (SR3 style): the SR stage given the true 8x8 test digits vs bicubic upsampling: PSNR,
-SSIM, consistency, and how often the classifier still reads the true digit. Writes
-results.json, results.md and sr_grid.png (rows: HR | LR | bicubic | SR) to --out.
+classifier's features: FD (with its N), precision, recall, class KL from uniform, share of the
+most frequent class, confidence, and for cascades the consistency MSE(downsample(x), base output)
+and the sampling time. SR table (SR3 style): each SR stage given the true 8x8 test digits, against
+bicubic upsampling: PSNR, SSIM, consistency, and how often the classifier still reads the true
+digit. Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and,
+with --plot, fd_vs_aug_level.png to --out.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -22,13 +27,14 @@ import torch
 from torchvision.utils import save_image
 
 from cdm import metrics
+from cdm.augment import sr_cond
 from cdm.cascade import Stage, load_cascade, sample_cascade, with_sampler
 from cdm.classifier import DEFAULT_PATH, load_classifier
-from cdm.config import DATA_ROOT_ENV
+from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS
 from cdm.data import downsample, load_mnist, to_model_range, to_unit_range
 from cdm.errors import ArgumentParser, UserError, run_cli
 from cdm.grids import nearest_up
-from cdm.runtime import resolve_device, use_bf16
+from cdm.runtime import autocast, resolve_device, use_bf16
 from cdm.unet import upsample_low_res
 
 
@@ -59,19 +65,19 @@ def classifier_outputs_grey(classifier, images: torch.Tensor):
 
 @torch.inference_mode()
 def sr_report(sr: Stage, hr: torch.Tensor, labels: torch.Tensor, base_size: int, classifier,
-              generator: torch.Generator, bf16: bool, out_dir: Path) -> list[dict]:
+              generator: torch.Generator, bf16: bool, grid_path: Path) -> list[dict]:
     """The SR stage given true low-res digits (aug_level 0) against bicubic upsampling."""
     device = next(sr.model.parameters()).device
+    hr = hr.cpu()
     lr = downsample(hr, base_size)  # (N, C, 8, 8)
-    levels = torch.zeros(len(hr), dtype=torch.long, device=device)
     outs = []
     for i in range(0, len(hr), 500):
+        batch = lr[i:i + 500].to(device)
         noise = torch.randn(hr[i:i + 500].shape, generator=generator, device=device)
-        cond = {"low_res": lr[i:i + 500].to(device), "aug_level": levels[i:i + 500]}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outs.append(sr.diffusion.sample(sr.model, noise.to(device), cond, sr.sampler,
-                                            generator=generator).float().cpu())
-    sr_out = torch.cat(outs)
+        cond = sr_cond(batch, torch.zeros(len(batch), dtype=torch.long, device=device))
+        with autocast(device, bf16):
+            outs.append(sr.diffusion.sample(sr.model, noise, cond, sr.sampler, generator=generator).float().cpu())
+    sr_out = torch.cat(outs)  # (N, C, 32, 32)
     bicubic = upsample_low_res(lr, hr.shape[-1], "bicubic").clamp(-1, 1)
     rows = []
     for name, pred in (("bicubic", bicubic), ("SR stage", sr_out)):
@@ -82,7 +88,7 @@ def sr_report(sr: Stage, hr: torch.Tensor, labels: torch.Tensor, base_size: int,
                      "digit_kept": (probs.argmax(1) == labels).float().mean().item()})
     k = 8
     grid = torch.stack([hr[:k], nearest_up(lr[:k], hr.shape[-1]), bicubic[:k], sr_out[:k]])  # (4, k, C, H, W)
-    save_image(to_unit_range(grid.flatten(0, 1)), out_dir / "sr_grid.png", nrow=k, padding=2, pad_value=0.5)
+    save_image(to_unit_range(grid.flatten(0, 1)), grid_path, nrow=k, padding=2, pad_value=0.5)
     return rows
 
 
@@ -95,24 +101,62 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def plot_fd_vs_level(rows: list[dict], path: Path) -> Path | None:
+    """FD against aug_level, one line per (checkpoint, mode); needs matplotlib (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, no plot written (pip install matplotlib)")
+        return None
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if "aug_level" in r:
+            series.setdefault(f"{r['run']} {r['aug_mode']}", []).append((r["aug_level"], r["fd"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("aug_level s at sampling")
+    ax.set_ylabel("classifier-feature FD (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="cascade checkpoint to sample and score")
-    parser.add_argument("--npz", nargs="*", default=[], help="extra sample files to score beside it")
+    parser.add_argument("--checkpoint", nargs="*", default=[], help="cascade checkpoints to sample and score")
+    parser.add_argument("--npz", nargs="*", default=[], help="sample files (uint8 images N,H,W,C) to score beside them")
     parser.add_argument("--num-samples", type=int, default=1000, help="1000 quick, 10000 standard")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--aug-level", type=int)
-    parser.add_argument("--aug-mode")
-    parser.add_argument("--base-steps", type=int)
-    parser.add_argument("--sr-steps", type=int)
+    parser.add_argument("--aug-level", type=int_list, help="one or more levels, e.g. 0,25,50 (default: config)")
+    parser.add_argument("--aug-mode", help="truncated, non_truncated or both comma-separated (default: config)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="both stages (default: config)")
+    parser.add_argument("--base-steps", type=int_list, help="one or more base step counts")
+    parser.add_argument("--sr-steps", type=int_list, help="one or more SR step counts")
     parser.add_argument("--sr-digits", type=int, default=1000, help="test digits for the SR table (0: skip)")
     parser.add_argument("--classifier", default=str(DEFAULT_PATH))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--plot", action="store_true", help="also plot FD against aug_level")
     parser.add_argument("--out", default="output/eval")
     args = parser.parse_args()
     if not args.checkpoint and not args.npz:
         raise UserError("nothing to score: give --checkpoint and/or --npz files")
+    modes = args.aug_mode.split(",") if args.aug_mode else [None]
+    for mode in modes:
+        if mode is not None and mode not in AUG_MODES:
+            raise UserError(f"--aug-mode {mode!r}: expected {' or '.join(AUG_MODES)}")
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,47 +167,58 @@ def main() -> None:
     half = len(test_images) // 2
     rows = [{"samples": f"MNIST test (first {half} vs last {half})",
              **score_samples(classifier, real_feats[half:], test_images[:half])}]
-    rows[0]["n"] = half
     for path in args.npz:
         rows.append({"samples": Path(path).name, **score_samples(classifier, real_feats, load_npz_images(path))})
 
     sr_rows = []
-    if args.checkpoint:
-        device = resolve_device(args.device)
-        cfg, stages, ckpt = load_cascade(args.checkpoint, device)
-        for name, steps in (("base", args.base_steps), ("sr", args.sr_steps)):
-            if steps:
-                stages[name] = with_sampler(stages[name], steps=steps)
+    device = resolve_device(args.device) if args.checkpoint else None
+    for path in args.checkpoint:
+        cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
-        aug_level = cfg.augment.aug_level if args.aug_level is None else args.aug_level
-        aug_mode = args.aug_mode or cfg.augment.aug_mode
-        generator = torch.Generator(device).manual_seed(args.seed)
-        start = time.perf_counter()
-        samples = sample_cascade(stages["base"], stages["sr"], args.num_samples, aug_level, aug_mode,
-                                 generator=generator, batch_size=args.batch_size, bf16=bf16, progress=True)
-        seconds = time.perf_counter() - start
-        images = samples.images.cpu()
-        b, s = stages["base"].sampler, stages["sr"].sampler
-        rows.append({"samples": f"{Path(args.checkpoint).name} (step {ckpt['step']}, s={aug_level} "
-                                f"{aug_mode}, {b.name}-{b.steps}/{s.name}-{s.steps})",
-                     **score_samples(classifier, real_feats, images), "sample_s": seconds,
-                     "cascade_consistency": metrics.consistency(images, samples.base.cpu()).mean().item()})
+        run = f"{Path(path).parent.name}/{Path(path).name}"
+        for level, mode, base_steps, sr_steps in itertools.product(
+                args.aug_level or [cfg.augment.aug_level], modes, args.base_steps or [None],
+                args.sr_steps or [None]):
+            mode = mode or cfg.augment.aug_mode
+            base, sr = (with_sampler(stages[name], **{k: v for k, v in (("steps", steps), ("name", args.sampler))
+                                                       if v is not None})
+                        for name, steps in (("base", base_steps), ("sr", sr_steps)))
+            generator = torch.Generator(device).manual_seed(args.seed)
+            start = time.perf_counter()
+            samples = sample_cascade(base, sr, args.num_samples, level, mode, generator=generator,
+                                     batch_size=args.batch_size, bf16=bf16, progress=True)
+            seconds = time.perf_counter() - start
+            images = samples.images.cpu()
+            rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, "
+                                    f"{base.sampler.name}-{base.sampler.steps}/{sr.sampler.name}-{sr.sampler.steps})",
+                         "run": run, "aug_level": level, "aug_mode": mode, "sample_s": seconds,
+                         **score_samples(classifier, real_feats, images),
+                         "consistency": metrics.consistency(images, samples.base.cpu()).mean().item()})
+            print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
         if args.sr_digits:
-            sr_rows = sr_report(stages["sr"], test_images[:args.sr_digits].to(device),
-                                test_labels[:args.sr_digits], cfg.base.image_size, classifier,
-                                generator, bf16, out_dir)
+            generator = torch.Generator(device).manual_seed(args.seed)
+            for row in sr_report(stages["sr"], test_images[:args.sr_digits].to(device),
+                                 test_labels[:args.sr_digits], cfg.base.image_size, classifier,
+                                 generator, bf16, out_dir / f"sr_grid_{Path(path).parent.name}.png"):
+                sr_rows.append({"run": run, **row})
     for r in rows:
         r["max_class"] = max(r["class_hist"])
-    columns = ["samples", "n", "fd", "precision", "recall", "class_kl", "max_class", "confidence", "sample_s"]
-    text = "Sample quality (classifier-feature FD vs MNIST test, lower is better):\n\n" + markdown_table(rows, columns)
+    text = ("Sample quality (classifier-feature FD against the 10,000 MNIST test digits, lower is "
+            "better; consistency = MSE(downsample(final), base output)):\n\n" + markdown_table(rows, COLUMNS))
     if sr_rows:
-        text += "\n\nSuper-resolution on true 8x8 test digits:\n\n" + markdown_table(
-            sr_rows, ["method", "n", "psnr", "ssim", "consistency", "digit_kept"])
+        text += "\n\nSuper-resolution on true 8x8 test digits (aug_level 0):\n\n" + markdown_table(
+            sr_rows, ["run", "method", "n", "psnr", "ssim", "consistency", "digit_kept"])
     print(text)
     (out_dir / "results.md").write_text(text + "\n")
     (out_dir / "results.json").write_text(json.dumps({"samples": rows, "super_resolution": sr_rows}, indent=1))
-    print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}"
-          + (f", {out_dir / 'sr_grid.png'}" if sr_rows else ""))
+    written = [out_dir / "results.md", out_dir / "results.json"]
+    if args.plot:
+        written.append(plot_fd_vs_level(rows, out_dir / "fd_vs_aug_level.png"))
+    print("wrote " + ", ".join(str(p) for p in written if p))
+
+
+COLUMNS = ["samples", "n", "fd", "precision", "recall", "class_kl", "max_class", "confidence",
+           "consistency", "sample_s"]
 
 
 if __name__ == "__main__":

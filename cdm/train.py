@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -21,14 +22,17 @@ from typing import Callable, NamedTuple
 
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cdm.augment import blur_low_res, noise_low_res, sample_aug_levels, sr_cond
 from cdm.cascade import Stage, build_stage, sample_cascade
-from cdm.checkpoint import FORMAT_VERSION, STAGES, checkpoint_config, load_checkpoint, load_state, save_checkpoint
+from cdm.checkpoint import (FORMAT_VERSION, STAGES, checkpoint_config, load_checkpoint, load_state,
+                            save_checkpoint, stage_weights)
 from cdm.config import Config, StageConfig
 from cdm.data import downsample, load_mnist
-from cdm.diffusion import GaussianDiffusion
+from cdm.distributed import DistInfo, any_rank, gather, setup, teardown
+from cdm.diffusion import GaussianDiffusion, gaussian_noise
 from cdm.errors import UserError
 from cdm.grids import save_cascade_grids
 from cdm.runtime import autocast, git_commit, resolve_device, use_bf16
@@ -65,7 +69,7 @@ def learning_rate(step: int, cfg: StageConfig) -> float:
 
 
 def make_stage(cfg: Config, name: str, device: torch.device, compile_model: bool,
-               channels_last: bool) -> TrainStage:
+               channels_last: bool, data_parallel: bool = False) -> TrainStage:
     stage_cfg: StageConfig = getattr(cfg, name)
     model, diffusion = build_stage(cfg, name, device)
     if channels_last:
@@ -73,7 +77,11 @@ def make_stage(cfg: Config, name: str, device: torch.device, compile_model: bool
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage_cfg.optim.lr,  # fused: CPU and CUDA
                                   weight_decay=stage_cfg.optim.weight_decay, fused=True)
-    forward = torch.compile(model) if compile_model else model
+    forward = model
+    if data_parallel:  # gradients are averaged across ranks during backward
+        forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if compile_model:
+        forward = torch.compile(forward)
     return TrainStage(name, stage_cfg, model, forward, ema, optimizer, diffusion)
 
 
@@ -89,8 +97,9 @@ def train_step(stage: TrainStage, x0: torch.Tensor, cond: dict, step: int, bf16:
     """One optimizer step of one stage, with no host sync: a non-finite gradient norm makes the
     fused AdamW skip its update on the device (its `found_inf` flag, as GradScaler uses it)."""
     B = x0.shape[0]
-    t = torch.randint(0, stage.diffusion.num_timesteps, (B,), generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    t = torch.randint(0, stage.diffusion.num_timesteps, (B,), generator=generator,
+                      device=generator.device).to(x0.device)
+    noise = gaussian_noise(x0, generator)
     with autocast(x0.device, bf16):
         losses = stage.diffusion.training_loss(stage.forward, x0, t, cond, noise)  # (B,)
     for group in stage.optimizer.param_groups:
@@ -174,12 +183,18 @@ def preview(stages: dict[str, TrainStage], cfg: Config, step: int, bf16: bool) -
     return time.perf_counter() - start
 
 
+def rng_state(generator: torch.Generator) -> dict:
+    """This process's RNG states: the global CPU and CUDA generators (dropout) and the training
+    generator (data order, t, noise, augmentation)."""
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
 def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
-                       generator: torch.Generator, metrics: dict) -> dict:
+                       rng_states: list[dict], metrics: dict) -> dict:
+    """The checkpoint dict; rng_states holds one entry per rank (one in a single process)."""
     payload = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "step": step,
-               "metrics": metrics, "git_commit": git_commit(),
-               "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+               "metrics": metrics, "git_commit": git_commit(), "rng": rng_states}
     for name, stage in stages.items():
         payload[name] = {"model": stage.model.state_dict(), "ema": stage.ema.state_dict(),
                          "optimizer": stage.optimizer.state_dict()}
@@ -187,7 +202,7 @@ def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
 
 
 def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
-            generator: torch.Generator) -> tuple[int, dict]:
+            generator: torch.Generator, info: DistInfo) -> tuple[int, dict]:
     """Load weights, EMA, optimizers and RNG states from a checkpoint; returns (step, metrics)."""
     ckpt = load_checkpoint(path, "cpu")
     stored = checkpoint_config(ckpt, path)
@@ -196,13 +211,16 @@ def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
             raise UserError(f"--resume '{path}': its {name}.model config differs from this run's; "
                             f"resume with the checkpoint's own config (no --config)")
         stage = stages[name]
-        load_state(stage.model, ckpt[name]["model"], path, f"{name} weights")
-        load_state(stage.ema, ckpt[name]["ema"], path, f"{name} EMA weights")
-        load_state(stage.optimizer, ckpt[name]["optimizer"], path, f"{name} optimizer state")
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    generator.set_state(ckpt["rng"]["generator"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        for part, target in (("model", stage.model), ("ema", stage.ema), ("optimizer", stage.optimizer)):
+            load_state(target, stage_weights(ckpt, name, part, path), path, f"{name} {part} state")
+    if len(ckpt["rng"]) != info.world_size:
+        raise UserError(f"--resume '{path}': it was saved by {len(ckpt['rng'])} process(es); resume "
+                        f"with the same number (this run has {info.world_size})")
+    rng = ckpt["rng"][info.rank]
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["generator"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return int(ckpt["step"]), dict(ckpt.get("metrics", {}))
 
 
@@ -236,6 +254,8 @@ def cascade_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y
         z = upsample_low_res(z, cfg.sr.image_size, cfg.sr.model.upsample_mode)  # (Bs, C, 32, 32)
         target, z = random_crop([target, z], sr.cfg.optim.crop_size, generator)
     cond = sr_cond(z, levels, y[:ns] if cfg.sr.model.num_classes else None)
+    sr_device = next(sr.model.parameters()).device  # another GPU with train.split_stages
+    target, cond = target.to(sr_device), {k: v.to(sr_device) for k, v in cond.items()}
     return {"base": base_stats, "sr": train_step(sr, target, cond, step, bf16, generator)}
 
 
@@ -261,12 +281,31 @@ class StopRequest:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def split_devices(device: torch.device, info: DistInfo) -> tuple[torch.device, torch.device]:
+    """train.split_stages: the base stage on GPU 2k and the SR stage on GPU 2k+1 (k = local
+    rank). The batch is drawn on the base GPU and the SR inputs are copied over; kernels of the
+    two stages then run concurrently on their two GPUs."""
+    needed = 2 * (info.local_rank + 1)
+    if device.type != "cuda" or torch.cuda.device_count() < needed:
+        raise UserError(f"train.split_stages needs {needed} CUDA devices for this process "
+                        f"(found {torch.cuda.device_count() if device.type == 'cuda' else 0})")
+    return torch.device("cuda", 2 * info.local_rank), torch.device("cuda", 2 * info.local_rank + 1)
+
+
 def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) -> Path:
-    """Train both stages for cfg.train.steps steps; returns the final checkpoint's path."""
+    """Train both stages for cfg.train.steps steps; returns the final checkpoint's path.
+    Under torchrun, every rank runs this function (see cdm/distributed.py)."""
     # --- choose-once settings
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device).manual_seed(cfg.seed)  # data order, t, noise, aug
+    info, device = setup(resolve_device(cfg.device), cfg.train.split_stages)
+    try:
+        return _train(cfg, resume, progress, info, device)
+    finally:
+        teardown(info)
+
+
+def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.device) -> Path:
+    torch.manual_seed(cfg.seed + info.rank)
+    generator = torch.Generator(device).manual_seed(cfg.seed + info.rank)  # data order, t, noise, aug
     bf16 = use_bf16(cfg.train.precision, device)
     compile_model = cfg.train.compile == "always" or (cfg.train.compile == "auto" and device.type == "cuda")
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -274,29 +313,43 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # --- data, models, optimizers, optional resume
+    # --- data (this rank's slice), models, optimizers, optional resume
     images, labels = load_mnist(cfg.data_root, cfg.data.download, cfg.sr.image_size,
                                 cfg.data.channels, device=device)
-    stages = {name: make_stage(cfg, name, device, compile_model, cfg.train.channels_last)
-              for name in STAGES}
+    images, labels = images[info.rank::info.world_size], labels[info.rank::info.world_size]
+    stage_devices = split_devices(device, info) if cfg.train.split_stages else (device, device)
+    stages = {name: make_stage(cfg, name, dev, compile_model, cfg.train.channels_last, info.enabled)
+              for name, dev in zip(STAGES, stage_devices)}
     step, metrics = 0, {"skipped_steps": 0, "train_seconds": 0.0, "preview_seconds": 0.0}
     if resume is not None:
-        step, metrics = restore(resume, cfg, stages, generator)
-    write_run_info(cfg, device)
+        step, metrics = restore(resume, cfg, stages, generator, info)
+    if info.is_main:
+        write_run_info(cfg, device)
     ckpt_path = cfg.run_dir / "checkpoint.pt"
     meters = {name: StageMeter(stage.diffusion.num_timesteps, device) for name, stage in stages.items()}
     batch = max(stages[name].cfg.optim.batch_size for name in STAGES)
 
     def save() -> Path:
-        return save_checkpoint(checkpoint_payload(cfg, stages, step, generator, metrics), ckpt_path)
+        rng_states = gather(info, rng_state(generator))  # every rank takes part
+        if info.is_main:
+            save_checkpoint(checkpoint_payload(cfg, stages, step, rng_states, metrics), ckpt_path)
+        return ckpt_path
+
+    def stop_now(requested: bool) -> bool:
+        """A single process stops at once; ranks agree at log steps, so none waits on another."""
+        if not info.enabled:
+            return requested
+        return step % cfg.train.log_every == 0 and any_rank(info, requested)
 
     # --- the loop
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, desc=cfg.run_name,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (progress and info.is_main),
+               desc=cfg.run_name, dynamic_ncols=True)
+    log_path = cfg.run_dir / "metrics.jsonl" if info.is_main else Path(os.devnull)
     window_start, window_steps, session_start = time.perf_counter(), 0, time.perf_counter()
-    with StopRequest() as stop, (cfg.run_dir / "metrics.jsonl").open("a") as log_file:
+    interrupted = False
+    with StopRequest() as stop, log_path.open("a") as log_file:
         try:
-            while step < cfg.train.steps and not stop.requested:
+            while step < cfg.train.steps:
                 idx = torch.randint(0, images.shape[0], (batch,), generator=generator, device=device)
                 hr = images[idx].contiguous(memory_format=memory_format)  # (B, C, 32, 32)
                 for name, stats in cascade_step(stages, cfg, hr, labels[idx], step, bf16, generator).items():
@@ -307,7 +360,7 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) 
 
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     elapsed = time.perf_counter() - window_start
-                    row = {"step": step, "images_per_s": window_steps * batch / elapsed,
+                    row = {"step": step, "images_per_s": window_steps * batch * info.world_size / elapsed,
                            "ms_per_step": 1000 * elapsed / window_steps}
                     for name in STAGES:
                         row.update({f"{name}_{k}": v for k, v in meters[name].read().items()})
@@ -318,12 +371,16 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) 
                     bar.set_postfix(base=f"{row['base_loss']:.4f}", sr=f"{row['sr_loss']:.4f}",
                                     img_s=f"{row['images_per_s']:.0f}")
                     window_start, window_steps = time.perf_counter(), 0
-                if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+                if info.is_main and cfg.train.sample_every and (
+                        step % cfg.train.sample_every == 0 or step == cfg.train.steps):
                     seconds = preview(stages, cfg, step, bf16)
                     metrics["preview_seconds"] += seconds
                     window_start += seconds  # images/s counts training time only
                 if step % cfg.train.save_every == 0:
                     save()
+                if stop_now(stop.requested):
+                    interrupted = True
+                    break
         except torch.OutOfMemoryError:
             raise UserError(f"out of memory at step {step} with batch {batch}: lower "
                             f"base.optim.batch_size / sr.optim.batch_size (e.g. --set "
@@ -333,11 +390,13 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) 
             bar.close()
     metrics["train_seconds"] += time.perf_counter() - session_start
     path = save()
-    if stop.requested:
-        print(f"interrupted at step {step}: saved {path}; continue with "
-              f"python train_mnist.py --resume {path}")
+    if interrupted:
+        if info.is_main:
+            print(f"interrupted at step {step}: saved {path}; continue with "
+                  f"python train_mnist.py --resume {path}")
         raise SystemExit(130)
-    share = 100 * metrics["preview_seconds"] / max(metrics["train_seconds"], 1e-9)
-    print(f"done: {step} steps in {metrics['train_seconds']:.0f}s (previews {share:.1f}% of it); "
-          f"checkpoint {path}; grids in {cfg.run_dir / 'samples'}")
+    if info.is_main:
+        share = 100 * metrics["preview_seconds"] / max(metrics["train_seconds"], 1e-9)
+        print(f"done: {step} steps in {metrics['train_seconds']:.0f}s (previews {share:.1f}% of it); "
+              f"checkpoint {path}; grids in {cfg.run_dir / 'samples'}")
     return path

@@ -73,3 +73,14 @@ def test_weights_that_do_not_fit_the_config(tiny_ckpt, tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="base ema weights does not fit"):
         load_cascade(path, "cpu")
+
+
+def test_exported_ema_file_samples_but_cannot_resume(tiny_ckpt, tmp_path):
+    out = checkpoint.export_ema(tiny_ckpt, tmp_path / "small.pt")
+    assert out.stat().st_size < tiny_ckpt.stat().st_size / 3
+    _, stages, _ = load_cascade(out, "cpu")
+    _, full, _ = load_cascade(tiny_ckpt, "cpu")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 600])
+    torch.testing.assert_close(stages["base"].model(x, t), full["base"].model(x, t), atol=2e-2, rtol=2e-2)
+    with pytest.raises(CheckpointError, match="holds no base model state"):
+        load_cascade(out, "cpu", use_ema=False)

@@ -1,0 +1,209 @@
+"""Benchmark: training and sampling speed of each stage (`python -m cdm.bench`). Never a test.
+
+    python -m cdm.bench --preset cpu                      # the CPU config's two stages
+    python -m cdm.bench --preset anchor --compare-diffusers --precision fp32
+    python -m cdm.bench --preset gpu --device cuda --json output/bench_gpu.json
+
+Per stage: parameters, FLOPs per image for one training step (forward + backward, counted by
+torch.utils.flop_counter), images/s and ms/step for training (fused AdamW, the config's
+precision), the achieved FLOP/s, and sampling: ms per denoising step at --sample-batch, giving
+samples/s for DDIM-N and DDPM-1000 (from the measured per-step time). Peak memory: CUDA's
+allocator peak, or the process's peak RSS on the CPU. `--compare-diffusers` times diffusers'
+UNet2DModel at the anchor layout in the same run, when diffusers is installed (optional; not in
+requirements.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cdm.augment import sr_cond
+from cdm.config import Config, ModelConfig, StageConfig, load_config
+from cdm.diffusion import GaussianDiffusion
+from cdm.errors import ArgumentParser, UserError, run_cli
+from cdm.runtime import autocast, resolve_device, use_bf16
+from cdm.unet import build_unet
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# diffusers' anchor (../shared/anchors): a single-stage 32x32 UNet, channels 32/64/64, one residual
+# block per level, attention at 8x8, GroupNorm 8; here as the SR-sized stage without conditioning.
+ANCHOR = ModelConfig(channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[8],
+                     num_heads=8, norm_groups=8)  # 8 heads of 8 channels, as diffusers' default
+# the reference lesson's sizes (16.4M base, 35.2M SR parameters), approximated with this UNet
+LESSON_BASE = ModelConfig(channels=96, channel_mult=[1, 2, 2], num_res_blocks=2,
+                          attention_resolutions=[4], num_heads=4, norm_groups=32)  # 15.6M
+LESSON_SR = ModelConfig(channels=128, channel_mult=[1, 1, 2, 2], num_res_blocks=2,
+                        attention_resolutions=[8, 4], num_heads=4, norm_groups=32)  # 32.4M
+
+
+def preset_stages(preset: str) -> tuple[Config, dict[str, tuple[StageConfig, bool]]]:
+    """(config, {stage name: (stage config, is SR)}) for a preset."""
+    if preset == "cpu":
+        cfg = load_config(CONFIGS / "cdm_mnist_cpu.yaml")
+    elif preset in ("gpu", "lesson"):
+        cfg = load_config(CONFIGS / "cdm_mnist.yaml")
+    elif preset == "anchor":
+        cfg = load_config(CONFIGS / "cdm_mnist_cpu.yaml")
+        anchor = replace(cfg.sr, model=ANCHOR, optim=replace(cfg.sr.optim, batch_size=64, crop_size=0))
+        return cfg, {"anchor32": (anchor, False)}
+    else:
+        raise UserError(f"--preset {preset!r}: expected cpu, gpu, lesson or anchor")
+    if preset == "lesson":
+        cfg.base = replace(cfg.base, model=LESSON_BASE, optim=replace(cfg.base.optim, batch_size=128))
+        cfg.sr = replace(cfg.sr, model=LESSON_SR, optim=replace(cfg.sr.optim, batch_size=128))
+    return cfg, {"base": (cfg.base, False), "sr": (cfg.sr, True)}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Seconds per call of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_model(name: str, model: torch.nn.Module, size: int, channels: int, batch: int, make_cond,
+                device: torch.device, bf16: bool, steps: int, sample_batch: int,
+                sample_steps: int) -> dict:
+    """Train-step and sampling-step timings of one network taking (x, t, **cond)."""
+    model = model.to(device)
+    diffusion = GaussianDiffusion(StageConfig().diffusion, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x0 = torch.randn(batch, channels, size, size, device=device)
+    cond = make_cond(batch)
+
+    def train_step():
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with autocast(device, bf16):
+            loss = diffusion.training_loss(model, x0, t, cond, torch.randn_like(x0)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    flops_per_image = counter.get_total_flops() / batch
+    seconds = time_calls(train_step, device, warmup=2, repeats=steps)
+
+    x_sample = torch.randn(sample_batch, channels, size, size, device=device)
+    sample_cond = make_cond(sample_batch)
+    t_sample = torch.full((sample_batch,), 500, device=device)
+
+    @torch.inference_mode()
+    def denoise_step():
+        with autocast(device, bf16):
+            model(x_sample, t_sample, **sample_cond)
+
+    step_s = time_calls(denoise_step, device, warmup=1, repeats=3)
+    return {"stage": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "batch": batch, "image_size": size, "ms_per_step": 1000 * seconds,
+            "images_per_s": batch / seconds, "gflops_per_image": flops_per_image / 1e9,
+            "achieved_tflops": flops_per_image * batch / seconds / 1e12,
+            "sample_ms_per_denoise_step": 1000 * step_s, "sample_batch": sample_batch,
+            f"samples_per_s_ddim{sample_steps}": sample_batch / (step_s * sample_steps),
+            "samples_per_s_ddpm1000": sample_batch / (step_s * 1000),
+            "peak_memory_MB": peak_memory_mb(device)}
+
+
+def diffusers_anchor(channels: int) -> torch.nn.Module:
+    """diffusers' UNet2DModel at the anchor layout, wrapped to take (x, t) and return a tensor."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise UserError("--compare-diffusers needs diffusers: pip install diffusers "
+                        "(an optional tool, not a project dependency)") from None
+    net = UNet2DModel(sample_size=32, in_channels=channels, out_channels=channels, norm_num_groups=8,
+                      layers_per_block=1, block_out_channels=(32, 64, 64),
+                      down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            return self.net(x, t).sample
+
+    return Wrapped()
+
+
+def main() -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", help="cpu | gpu | lesson | anchor")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=["config", "fp32", "bf16"], default="config")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per stage")
+    parser.add_argument("--sample-batch", type=int, default=500)
+    parser.add_argument("--sample-steps", type=int, default=25, help="N of the DDIM-N column")
+    parser.add_argument("--compare-diffusers", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    cfg, stages = preset_stages(args.preset)
+    precision = cfg.train.precision if args.precision == "config" else args.precision
+    bf16 = use_bf16(precision, device)
+    channels = cfg.data.channels
+    rows = []
+    for name, (stage, super_res) in stages.items():
+        size = stage.optim.crop_size or stage.image_size
+        model = build_unet(stage.model, stage.image_size, channels, super_res)
+
+        def make_cond(n, super_res=super_res, size=size):
+            if not super_res:
+                return {}
+            return sr_cond(torch.randn(n, channels, size, size, device=device),
+                           torch.randint(0, 200, (n,), device=device))
+
+        rows.append(bench_model(name, model, size, channels, stage.optim.batch_size, make_cond, device,
+                                bf16, args.steps, args.sample_batch, args.sample_steps))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    if args.compare_diffusers:
+        batch = next(iter(stages.values()))[0].optim.batch_size
+        rows.append(bench_model("diffusers_UNet2DModel_anchor", diffusers_anchor(channels), 32, channels,
+                                batch, lambda n: {}, device, bf16, args.steps, args.sample_batch,
+                                args.sample_steps))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+        ours = rows[0]["images_per_s"]
+        print(f"cdm / diffusers training images/s: {ours / rows[-1]['images_per_s']:.2f}x")
+    if len(stages) == 2:
+        pair_ms = sum(r["ms_per_step"] for r in rows[:2])
+        print(f"pair (both stages per batch): {pair_ms:.0f} ms/step, "
+              f"{max(r['batch'] for r in rows[:2]) / pair_ms * 1000:.0f} images/s")
+    result = {"preset": args.preset, "device": str(device), "precision": precision,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d"), "stages": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
