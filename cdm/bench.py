@@ -86,15 +86,16 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def bench_model(name: str, model: torch.nn.Module, size: int, channels: int, batch: int, make_cond,
-                device: torch.device, bf16: bool, steps: int, sample_batch: int,
-                sample_steps: int) -> dict:
-    """Train-step and sampling-step timings of one network taking (x, t, **cond)."""
+def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, channels: int,
+                batch: int, make_cond, device: torch.device, bf16: bool, steps: int,
+                sample_batch: int, sample_steps: int) -> dict:
+    """Train-step (at `size`, a patch size for the SR stage) and sampling-step (at `sample_size`)
+    timings of one network taking (x, t, **cond)."""
     model = model.to(device)
     diffusion = GaussianDiffusion(StageConfig().diffusion, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x0 = torch.randn(batch, channels, size, size, device=device)
-    cond = make_cond(batch)
+    cond = make_cond(batch, size)
 
     def train_step():
         t = torch.randint(0, 1000, (batch,), device=device)
@@ -109,8 +110,8 @@ def bench_model(name: str, model: torch.nn.Module, size: int, channels: int, bat
     flops_per_image = counter.get_total_flops() / batch
     seconds = time_calls(train_step, device, warmup=2, repeats=steps)
 
-    x_sample = torch.randn(sample_batch, channels, size, size, device=device)
-    sample_cond = make_cond(sample_batch)
+    x_sample = torch.randn(sample_batch, channels, sample_size, sample_size, device=device)
+    sample_cond = make_cond(sample_batch, sample_size)
     t_sample = torch.full((sample_batch,), 500, device=device)
 
     @torch.inference_mode()
@@ -120,7 +121,7 @@ def bench_model(name: str, model: torch.nn.Module, size: int, channels: int, bat
 
     step_s = time_calls(denoise_step, device, warmup=1, repeats=3)
     return {"stage": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "batch": batch, "image_size": size, "ms_per_step": 1000 * seconds,
+            "batch": batch, "train_size": size, "sample_size": sample_size, "ms_per_step": 1000 * seconds,
             "images_per_s": batch / seconds, "gflops_per_image": flops_per_image / 1e9,
             "achieved_tflops": flops_per_image * batch / seconds / 1e12,
             "sample_ms_per_denoise_step": 1000 * step_s, "sample_batch": sample_batch,
@@ -174,20 +175,20 @@ def main() -> None:
         size = stage.optim.crop_size or stage.image_size
         model = build_unet(stage.model, stage.image_size, channels, super_res)
 
-        def make_cond(n, super_res=super_res, size=size):
+        def make_cond(n, hw, super_res=super_res):  # the SR stage gets a resized low-res input
             if not super_res:
                 return {}
-            return sr_cond(torch.randn(n, channels, size, size, device=device),
+            return sr_cond(torch.randn(n, channels, hw, hw, device=device),
                            torch.randint(0, 200, (n,), device=device))
 
-        rows.append(bench_model(name, model, size, channels, stage.optim.batch_size, make_cond, device,
-                                bf16, args.steps, args.sample_batch, args.sample_steps))
+        rows.append(bench_model(name, model, size, stage.image_size, channels, stage.optim.batch_size,
+                                make_cond, device, bf16, args.steps, args.sample_batch, args.sample_steps))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if args.compare_diffusers:
         batch = next(iter(stages.values()))[0].optim.batch_size
-        rows.append(bench_model("diffusers_UNet2DModel_anchor", diffusers_anchor(channels), 32, channels,
-                                batch, lambda n: {}, device, bf16, args.steps, args.sample_batch,
-                                args.sample_steps))
+        rows.append(bench_model("diffusers_UNet2DModel_anchor", diffusers_anchor(channels), 32, 32,
+                                channels, batch, lambda n, hw: {}, device, bf16, args.steps,
+                                args.sample_batch, args.sample_steps))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
         ours = rows[0]["images_per_s"]
         print(f"cdm / diffusers training images/s: {ours / rows[-1]['images_per_s']:.2f}x")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cdm.config import Config, ConfigError, config_from_dict
+from cdm.config import Config, ConfigError, apply_override, config_from_dict
 from cdm.errors import ArgumentParser, UserError, run_cli
 
 FORMAT_VERSION = 1
@@ -94,11 +94,17 @@ def checkpoint_config(ckpt: dict, path: str | os.PathLike) -> Config:
         raise CheckpointError(f"checkpoint '{path}': its stored config is invalid: {err}") from None
 
 
-def export_ema(src: str | os.PathLike, dst: str | os.PathLike, dtype=torch.bfloat16) -> Path:
+def export_ema(src: str | os.PathLike, dst: str | os.PathLike, overrides: list[str] = (),
+               dtype=torch.bfloat16) -> Path:
     """A small file for sampling only: config, step, metrics and each stage's EMA weights in
-    `dtype` (no raw weights, optimizer or RNG state, so it cannot be resumed)."""
+    `dtype` (no raw weights, optimizer or RNG state, so it cannot be resumed). `overrides`
+    (key=value) may change sampling defaults such as augment.aug_level."""
     ckpt = load_checkpoint(src)
-    out = {k: ckpt[k] for k in ("format_version", "config", "step", "metrics") if k in ckpt}
+    out = {k: ckpt[k] for k in ("format_version", "step", "metrics") if k in ckpt}
+    config = checkpoint_config(ckpt, src).to_dict()
+    for assignment in overrides:
+        apply_override(config, assignment)
+    out["config"] = config_from_dict(config).to_dict()
     for name in STAGES:
         out[name] = {"ema": {k: v.to(dtype) if v.is_floating_point() else v
                              for k, v in ckpt[name]["ema"].items()}}
@@ -130,8 +136,10 @@ def main() -> None:
                             description="Export a checkpoint's EMA weights (bf16) for sampling.")
     parser.add_argument("src")
     parser.add_argument("dst")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a sampling default in the stored config, e.g. augment.aug_level=0")
     args = parser.parse_args()
-    path = export_ema(args.src, args.dst)
+    path = export_ema(args.src, args.dst, args.overrides)
     print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
 
 

@@ -86,7 +86,7 @@ class AugmentConfig:
     stage's schedule, so `aug_level` s is the base state after s forward steps (0 = clean)."""
 
     max_level: int = 200  # training draws s uniformly from [0, max_level]
-    aug_level: int = 50  # s used at sampling time (sample.py --aug-level overrides)
+    aug_level: int = 0  # s used at sampling time (sample.py --aug-level overrides)
     aug_mode: str = "truncated"  # truncated | non_truncated (sample.py --aug-mode overrides)
     blur_prob: float = 0.5  # fraction of training examples whose low-res input is blurred
     blur_sigma: list[float] = field(default_factory=lambda: [0.4, 0.6])  # blur sigma range (LR pixels)

@@ -4,6 +4,7 @@
     python -m cdm.evaluate --checkpoint CKPT --aug-level 0,25,50,100,200 \
         --aug-mode truncated,non_truncated --plot --out output/eval_aug      # a sweep: one loop
     python -m cdm.evaluate --checkpoint CKPT --base-steps 10,25,50 --sr-steps 2,5,10
+    python -m cdm.evaluate --checkpoint CKPT --base-sampler ddpm --base-steps 1000
 
 Sample table: every set is scored against the MNIST test split (10,000 digits) with the
 classifier's features: FD (with its N), precision, recall, class KL from uniform, share of the
@@ -141,7 +142,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--aug-level", type=int_list, help="one or more levels, e.g. 0,25,50 (default: config)")
     parser.add_argument("--aug-mode", help="truncated, non_truncated or both comma-separated (default: config)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="both stages (default: config)")
+    parser.add_argument("--base-sampler", choices=SAMPLERS, help="default: config")
+    parser.add_argument("--sr-sampler", choices=SAMPLERS, help="default: config")
     parser.add_argument("--base-steps", type=int_list, help="one or more base step counts")
     parser.add_argument("--sr-steps", type=int_list, help="one or more SR step counts")
     parser.add_argument("--sr-digits", type=int, default=1000, help="test digits for the SR table (0: skip)")
@@ -180,9 +182,10 @@ def main() -> None:
                 args.aug_level or [cfg.augment.aug_level], modes, args.base_steps or [None],
                 args.sr_steps or [None]):
             mode = mode or cfg.augment.aug_mode
-            base, sr = (with_sampler(stages[name], **{k: v for k, v in (("steps", steps), ("name", args.sampler))
+            base, sr = (with_sampler(stages[name], **{k: v for k, v in (("steps", steps), ("name", sampler))
                                                        if v is not None})
-                        for name, steps in (("base", base_steps), ("sr", sr_steps)))
+                        for name, steps, sampler in (("base", base_steps, args.base_sampler),
+                                                     ("sr", sr_steps, args.sr_sampler)))
             generator = torch.Generator(device).manual_seed(args.seed)
             start = time.perf_counter()
             samples = sample_cascade(base, sr, args.num_samples, level, mode, generator=generator,

@@ -76,9 +76,10 @@ def test_weights_that_do_not_fit_the_config(tiny_ckpt, tmp_path):
 
 
 def test_exported_ema_file_samples_but_cannot_resume(tiny_ckpt, tmp_path):
-    out = checkpoint.export_ema(tiny_ckpt, tmp_path / "small.pt")
+    out = checkpoint.export_ema(tiny_ckpt, tmp_path / "small.pt", ["augment.aug_level=0"])
     assert out.stat().st_size < tiny_ckpt.stat().st_size / 3
-    _, stages, _ = load_cascade(out, "cpu")
+    cfg, stages, _ = load_cascade(out, "cpu")
+    assert cfg.augment.aug_level == 0  # a sampling default changed on export
     _, full, _ = load_cascade(tiny_ckpt, "cpu")
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 600])
     torch.testing.assert_close(stages["base"].model(x, t), full["base"].model(x, t), atol=2e-2, rtol=2e-2)

@@ -1,6 +1,5 @@
 """Faults and bad input: nothing lost, one clear line each (issue: faults and bad input)."""
 import json
-import os
 import signal
 import subprocess
 import sys

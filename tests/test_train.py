@@ -102,3 +102,15 @@ def test_checkpoint_rebuilds_the_cascade_from_config_alone(tiny_cfg):
     again = load_cascade(path, "cpu")[1]["base"].model
     torch.testing.assert_close(stages["base"].model(x, torch.tensor([3, 700])),
                                again(x, torch.tensor([3, 700])), rtol=0, atol=0)
+
+
+def test_gpu_code_paths_on_cpu_compile_bf16_channels_last(tmp_path):
+    """The CUDA defaults (torch.compile, bf16 autocast, channels_last) exercised on the CPU."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"out_dir={tmp_path}", "data.download=false", "train.steps=2", "train.sample_every=2",
+        "train.compile=always", "train.precision=bf16", "train.channels_last=true"])
+    path = train(cfg, progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["metrics"]["skipped_steps"] == 0
+    assert not any(k.startswith("_orig_mod") for k in ckpt["base"]["model"])  # the uncompiled module is saved
+    assert (cfg.run_dir / "samples" / "cascade_step000002.png").exists()
