@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """The commit of the cdm checkout in use, or 'unknown' outside a git checkout."""
     try:
