@@ -58,9 +58,8 @@ def main() -> None:
         raise UserError(f"--aug-level {aug_level}: this SR stage was trained on levels "
                         f"0..{cfg.augment.max_level}; choose one in that range")
     for name in ("base", "sr"):
-        changes = {k: v for k, v in (("name", getattr(args, f"{name}_sampler") or args.sampler), ("eta", args.eta),
-                                     ("steps", getattr(args, f"{name}_steps") or args.steps)) if v is not None}
-        stages[name] = with_sampler(stages[name], **changes)
+        stages[name] = with_sampler(stages[name], name=getattr(args, f"{name}_sampler") or args.sampler,
+                                    eta=args.eta, steps=getattr(args, f"{name}_steps") or args.steps)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "samples"
     try:
         out.mkdir(parents=True, exist_ok=True)

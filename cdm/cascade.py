@@ -126,5 +126,7 @@ def _sample_batch(base: Stage, sr: Stage, n: int, aug_level: int, aug_mode: str,
 
 
 def with_sampler(stage: Stage, **changes) -> Stage:
-    """A copy of `stage` whose sampler settings are changed (e.g. steps=25)."""
+    """A copy of `stage` whose sampler settings are changed (e.g. steps=25); a change given as
+    None (an option the user did not set) keeps the stage's own value."""
+    changes = {k: v for k, v in changes.items() if v is not None}
     return replace(stage, sampler=replace(stage.sampler, **changes))

@@ -182,10 +182,8 @@ def main() -> None:
                 args.aug_level or [cfg.augment.aug_level], modes, args.base_steps or [None],
                 args.sr_steps or [None]):
             mode = mode or cfg.augment.aug_mode
-            base, sr = (with_sampler(stages[name], **{k: v for k, v in (("steps", steps), ("name", sampler))
-                                                       if v is not None})
-                        for name, steps, sampler in (("base", base_steps, args.base_sampler),
-                                                     ("sr", sr_steps, args.sr_sampler)))
+            base = with_sampler(stages["base"], steps=base_steps, name=args.base_sampler)
+            sr = with_sampler(stages["sr"], steps=sr_steps, name=args.sr_sampler)
             generator = torch.Generator(device).manual_seed(args.seed)
             start = time.perf_counter()
             samples = sample_cascade(base, sr, args.num_samples, level, mode, generator=generator,
