@@ -4,9 +4,14 @@
     python sample.py --checkpoint CKPT --num-samples 1000 --aug-level 0 --aug-mode non_truncated
     python sample.py --checkpoint CKPT --sampler ddpm --steps 1000 --device cpu
     python sample.py --checkpoint CKPT --base-sampler ddpm --base-steps 1000   # best FD, 17x slower
+    python sample.py --checkpoint COND_CKPT --class-grid --cfg-scale 1          # a row per digit
+    python sample.py --checkpoint CKPT --labels 3,7 --classifier CLS_CKPT --guidance-scale 3
 
 Writes to --out (default: samples/ beside the checkpoint): cascade.png, base.png,
-side_by_side.png and samples.npz (images uint8 N,H,W,C; base uint8 N,8,8,C; labels if conditional).
+side_by_side.png, labelled.png (one row per requested class, when there are labels) and
+samples.npz (images uint8 N,H,W,C; base uint8 N,8,8,C; labels when classes were requested).
+Labels need a class-conditional checkpoint (cfg-scale: classifier-free guidance) or a noisy
+classifier (--classifier: classifier guidance), or both.
 """
 import argparse
 import time
@@ -18,8 +23,10 @@ import torch
 from cdm.cascade import load_cascade, sample_cascade, with_sampler
 from cdm.config import AUG_MODES, SAMPLERS
 from cdm.data import to_uint8_nhwc
-from cdm.errors import ArgumentParser, UserError, run_cli
-from cdm.grids import save_cascade_grids
+from cdm.errors import ArgumentParser, UserError, int_list, run_cli
+from cdm.grids import save_cascade_grids, save_labelled_grid
+from cdm.guidance import Guidance
+from cdm.noisy_classifier import load_noisy_classifier
 from cdm.runtime import resolve_device, use_bf16
 
 
@@ -28,6 +35,41 @@ def positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def requested_labels(args, num_classes: int, device) -> torch.Tensor | None:
+    """The labels asked for on the command line (N,), or None for the default."""
+    if args.class_grid:  # one row per class, --num-samples split evenly (rounded up)
+        per_class = -(-args.num_samples // num_classes)
+        return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    if args.labels is None:
+        return None
+    bad = [v for v in args.labels if not 0 <= v < num_classes]
+    if bad:
+        raise UserError(f"--labels: {bad[0]} is not a class of this model; expected digits in "
+                        f"0..{num_classes - 1}")
+    return torch.tensor(args.labels, device=device).repeat(-(-args.num_samples // len(args.labels))
+                                                          )[:args.num_samples]
+
+
+def make_guidance(args, cfg, base_classes: int, device) -> tuple[Guidance, int]:
+    """Guidance from the flags (defaults: the config's guidance section) and the number of
+    classes labels may take (0: nothing here can follow a label)."""
+    classifier = None
+    if args.classifier:
+        classifier, _ = load_noisy_classifier(args.classifier, device)
+    elif args.guidance_scale is not None:
+        raise UserError("--guidance-scale needs --classifier PATH (a checkpoint holding a noisy classifier)")
+    cfg_scale = cfg.guidance.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    if args.cfg_scale and not base_classes:
+        raise UserError("--cfg-scale needs a class-conditional checkpoint (base.model.num_classes "
+                        "> 0, trained with label dropout); this one is unconditional")
+    scale = cfg.guidance.classifier_scale if args.guidance_scale is None else args.guidance_scale
+    for flag, value in (("--cfg-scale", cfg_scale), ("--guidance-scale", scale)):
+        if value < 0:
+            raise UserError(f"{flag} {value}: expected a scale >= 0")
+    num_classes = base_classes or (classifier.num_classes if classifier is not None else 0)
+    return Guidance(cfg_scale, classifier, scale if classifier is not None else 0.0), num_classes
 
 
 def main() -> None:
@@ -44,6 +86,14 @@ def main() -> None:
     parser.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--aug-level", type=int, help="conditioning augmentation level s (default: config)")
     parser.add_argument("--aug-mode", choices=AUG_MODES, help="default: config")
+    parser.add_argument("--labels", type=int_list, help="classes to draw, e.g. 3,7 (repeated to "
+                                                          "fill --num-samples)")
+    parser.add_argument("--class-grid", action="store_true", help="one row per class")
+    parser.add_argument("--classifier", help="checkpoint holding a noisy classifier: classifier guidance")
+    parser.add_argument("--guidance-scale", type=float, help="classifier guidance scale s "
+                                                              "(default: config guidance.classifier_scale)")
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight w "
+                                                         "(default: config guidance.cfg_scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -57,6 +107,11 @@ def main() -> None:
     if not 0 <= aug_level <= cfg.augment.max_level:
         raise UserError(f"--aug-level {aug_level}: this SR stage was trained on levels "
                         f"0..{cfg.augment.max_level}; choose one in that range")
+    guidance, num_classes = make_guidance(args, cfg, stages["base"].model.num_classes, device)
+    if (args.labels is not None or args.class_grid) and not num_classes:
+        raise UserError("--labels/--class-grid need a class-conditional checkpoint or --classifier")
+    labels = requested_labels(args, num_classes, device)
+    num_samples = args.num_samples if labels is None else len(labels)
     for name in ("base", "sr"):
         stages[name] = with_sampler(stages[name], name=getattr(args, f"{name}_sampler") or args.sampler,
                                     eta=args.eta, steps=getattr(args, f"{name}_steps") or args.steps)
@@ -70,18 +125,21 @@ def main() -> None:
 
     generator = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
-    samples = sample_cascade(stages["base"], stages["sr"], args.num_samples, aug_level, aug_mode,
-                             generator=generator, batch_size=args.batch_size,
-                             bf16=use_bf16(cfg.train.precision, device), progress=True)
+    samples = sample_cascade(stages["base"], stages["sr"], num_samples, aug_level, aug_mode,
+                             generator=generator, batch_size=args.batch_size, labels=labels,
+                             bf16=use_bf16(cfg.train.precision, device), progress=True,
+                             guidance=guidance)
     seconds = time.perf_counter() - start
     paths = save_cascade_grids(samples, out)
     arrays = {"images": to_uint8_nhwc(samples.images).numpy(), "base": to_uint8_nhwc(samples.base).numpy()}
     if samples.labels is not None:
         arrays["labels"] = samples.labels.cpu().numpy()
+        paths["labelled"] = save_labelled_grid(samples.images, samples.labels, out / "labelled.png")
     np.savez_compressed(out / "samples.npz", **arrays)
     b, s = stages["base"].sampler, stages["sr"].sampler
-    print(f"{args.num_samples} samples in {seconds:.1f}s on {device} (step {ckpt['step']}; "
-          f"base {b.name}-{b.steps}, sr {s.name}-{s.steps}, aug_level {aug_level} {aug_mode})")
+    print(f"{num_samples} samples in {seconds:.1f}s on {device} (step {ckpt['step']}; "
+          f"base {b.name}-{b.steps}, sr {s.name}-{s.steps}, aug_level {aug_level} {aug_mode}; "
+          f"cfg_scale {guidance.cfg_scale}, classifier guidance {guidance.classifier_scale})")
     for path in [*paths.values(), out / "samples.npz"]:
         print(path)
 

@@ -3,6 +3,7 @@
     python -m cdm.bench --preset cpu                      # the CPU config's two stages
     python -m cdm.bench --preset anchor --compare-diffusers --precision fp32
     python -m cdm.bench --preset gpu --device cuda --json output/bench_gpu.json
+    python -m cdm.bench --preset cpu --compile always     # torch.compile, compile time reported
 
 Per stage: parameters, FLOPs per image for one training step (forward + backward, counted by
 torch.utils.flop_counter), images/s and ms/step for training (fused AdamW, the config's
@@ -88,10 +89,12 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
 
 def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, channels: int,
                 batch: int, make_cond, device: torch.device, bf16: bool, steps: int,
-                sample_batch: int, sample_steps: int) -> dict:
+                sample_batch: int, sample_steps: int, compile_model: bool = False) -> dict:
     """Train-step (at `size`, a patch size for the SR stage) and sampling-step (at `sample_size`)
-    timings of one network taking (x, t, **cond)."""
+    timings of one network taking (x, t, **cond). With `compile_model` the network runs under
+    torch.compile; the first training and sampling calls (which compile) are timed apart."""
     model = model.to(device)
+    eager = model
     diffusion = GaussianDiffusion(StageConfig().diffusion, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x0 = torch.randn(batch, channels, size, size, device=device)
@@ -108,6 +111,10 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
     with FlopCounterMode(display=False) as counter:
         train_step()
     flops_per_image = counter.get_total_flops() / batch
+    compile_s = {}
+    if compile_model:
+        model = torch.compile(eager)
+        compile_s["train_compile_s"] = time_calls(train_step, device, warmup=0, repeats=1)
     seconds = time_calls(train_step, device, warmup=2, repeats=steps)
 
     x_sample = torch.randn(sample_batch, channels, sample_size, sample_size, device=device)
@@ -119,8 +126,10 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
         with autocast(device, bf16):
             model(x_sample, t_sample, **sample_cond)
 
+    if compile_model:
+        compile_s["sample_compile_s"] = time_calls(denoise_step, device, warmup=0, repeats=1)
     step_s = time_calls(denoise_step, device, warmup=1, repeats=3)
-    return {"stage": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+    return {"stage": name, "params_M": sum(p.numel() for p in eager.parameters()) / 1e6, **compile_s,
             "batch": batch, "train_size": size, "sample_size": sample_size, "ms_per_step": 1000 * seconds,
             "images_per_s": batch / seconds, "gflops_per_image": flops_per_image / 1e9,
             "achieved_tflops": flops_per_image * batch / seconds / 1e12,
@@ -161,6 +170,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per stage")
     parser.add_argument("--sample-batch", type=int, default=500)
     parser.add_argument("--sample-steps", type=int, default=25, help="N of the DDIM-N column")
+    parser.add_argument("--compile", choices=["config", "never", "always"], default="config",
+                        help="torch.compile the networks (config: the preset config's train.compile)")
     parser.add_argument("--compare-diffusers", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -169,6 +180,8 @@ def main() -> None:
     cfg, stages = preset_stages(args.preset)
     precision = cfg.train.precision if args.precision == "config" else args.precision
     bf16 = use_bf16(precision, device)
+    compile_mode = cfg.train.compile if args.compile == "config" else args.compile
+    compile_model = compile_mode == "always" or (compile_mode == "auto" and device.type == "cuda")
     channels = cfg.data.channels
     rows = []
     for name, (stage, super_res) in stages.items():
@@ -182,13 +195,14 @@ def main() -> None:
                            torch.randint(0, 200, (n,), device=device))
 
         rows.append(bench_model(name, model, size, stage.image_size, channels, stage.optim.batch_size,
-                                make_cond, device, bf16, args.steps, args.sample_batch, args.sample_steps))
+                                make_cond, device, bf16, args.steps, args.sample_batch, args.sample_steps,
+                                compile_model))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if args.compare_diffusers:
         batch = next(iter(stages.values()))[0].optim.batch_size
         rows.append(bench_model("diffusers_UNet2DModel_anchor", diffusers_anchor(channels), 32, 32,
                                 channels, batch, lambda n, hw: {}, device, bf16, args.steps,
-                                args.sample_batch, args.sample_steps))
+                                args.sample_batch, args.sample_steps, compile_model))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
         ours = rows[0]["images_per_s"]
         print(f"cdm / diffusers training images/s: {ours / rows[-1]['images_per_s']:.2f}x")
@@ -197,6 +211,7 @@ def main() -> None:
         print(f"pair (both stages per batch): {pair_ms:.0f} ms/step, "
               f"{max(r['batch'] for r in rows[:2]) / pair_ms * 1000:.0f} images/s")
     result = {"preset": args.preset, "device": str(device), "precision": precision,
+              "compile": compile_model,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "stages": rows}

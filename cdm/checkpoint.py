@@ -5,6 +5,7 @@ Layout (a plain dict of tensors, numbers and strings, loadable with weights_only
   config          Config.to_dict(): enough to rebuild both stages without other input
   step            optimizer steps done
   base, sr        {"model": state_dict, "ema": state_dict, "optimizer": state_dict}
+  classifier      the same for the noisy classifier, when the run trained one
   rng             {"torch": CPU RNG state, "cuda": [per-device states], "generator": the
                    training generator's state}
   metrics         {"skipped_steps": int, ...}
@@ -26,6 +27,7 @@ from cdm.errors import ArgumentParser, UserError, run_cli
 
 FORMAT_VERSION = 1
 STAGES = ("base", "sr")
+CLASSIFIER = "classifier"  # the noisy classifier for guidance (cdm/noisy_classifier.py)
 
 
 class CheckpointError(UserError):
@@ -58,9 +60,11 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """Load and check a cascade checkpoint; raises CheckpointError with one line on any problem.
-    Uses torch.load(weights_only=True): no code from the file is run."""
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    parts: tuple[str, ...] = STAGES) -> dict:
+    """Load and check a checkpoint that holds `parts` (default: both cascade stages); raises
+    CheckpointError with one line on any problem. Uses torch.load(weights_only=True): no code
+    from the file is run."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}': no such file")
@@ -80,9 +84,11 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         raise CheckpointError(f"checkpoint '{path}': format version {version} is not supported "
                               f"by this cdm (it reads version {FORMAT_VERSION}); "
                               f"{'update cdm' if version > FORMAT_VERSION else 'retrain'}")
-    missing = [k for k in ("config", "step", *STAGES) if k not in ckpt]
+    missing = [k for k in ("config", "step", *parts) if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint '{path}': missing entries {missing}")
+        hint = (" (only runs whose config has a classifier: section train one)"
+                if CLASSIFIER in missing else "")
+        raise CheckpointError(f"checkpoint '{path}': missing entries {missing}{hint}")
     return ckpt
 
 
@@ -105,9 +111,10 @@ def export_ema(src: str | os.PathLike, dst: str | os.PathLike, overrides: list[s
     for assignment in overrides:
         apply_override(config, assignment)
     out["config"] = config_from_dict(config).to_dict()
-    for name in STAGES:
-        out[name] = {"ema": {k: v.to(dtype) if v.is_floating_point() else v
-                             for k, v in ckpt[name]["ema"].items()}}
+    for name in (*STAGES, CLASSIFIER):
+        if name in ckpt:
+            out[name] = {"ema": {k: v.to(dtype) if v.is_floating_point() else v
+                                 for k, v in ckpt[name]["ema"].items()}}
     return save_checkpoint(out, dst)
 
 

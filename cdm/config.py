@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout inside residual blocks
     norm_groups: int = 32  # GroupNorm groups (must divide every level's width)
     num_classes: int = 0  # >0: class-conditional, label embedding with a reserved null label
+    label_dropout: float = 0.0  # training: fraction of labels replaced by the null label (for CFG)
     upsample_mode: str = "bilinear"  # SR stage: how the low-res input is resized (bilinear|bicubic)
 
 
@@ -93,6 +95,26 @@ class AugmentConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """The noisy classifier p(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021): the
+    UNet's encoder half plus a pooling head, trained on x_t from the base stage's forward process
+    at the base resolution. Its presence in a config trains it in the same run."""
+
+    num_classes: int = 10  # classes it tells apart
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[4]))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=128, lr=1e-3))
+
+
+@dataclass
+class GuidanceConfig:
+    """Sampling-time guidance of the base stage toward requested labels (sample.py overrides)."""
+
+    classifier_scale: float = 1.0  # s of classifier guidance, used when a classifier is given
+    cfg_scale: float = 0.0  # w of classifier-free guidance (needs a conditional, label-dropout model)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 10000  # optimizer steps (both stages step once per batch)
     log_every: int = 50  # steps between log lines / metrics.jsonl rows
@@ -115,6 +137,8 @@ class Config:
     base: StageConfig = field(default_factory=StageConfig)
     sr: StageConfig = field(default_factory=lambda: StageConfig(image_size=32))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    classifier: ClassifierConfig | None = None  # a section here trains a noisy classifier too
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
@@ -146,6 +170,17 @@ class Config:
         _check(0.0 <= a.blur_prob <= 1.0, "augment.blur_prob", "in [0, 1]", a.blur_prob)
         _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1],
                "augment.blur_sigma", "[low, high] with 0 < low <= high", a.blur_sigma)
+        if self.classifier is not None:
+            c = self.classifier
+            _check(c.num_classes >= 2, "classifier.num_classes", ">= 2", c.num_classes)
+            _check(c.model.num_classes == 0, "classifier.model.num_classes",
+                   "0 (the classifier predicts labels; it is not conditioned on them)",
+                   c.model.num_classes)
+            _validate_model(c.model, base.image_size, "classifier")
+            _validate_optim(c.optim, "classifier")
+        g = self.guidance
+        _check(g.classifier_scale >= 0, "guidance.classifier_scale", ">= 0", g.classifier_scale)
+        _check(g.cfg_scale >= 0, "guidance.cfg_scale", ">= 0", g.cfg_scale)
         t = self.train
         _check(t.steps > 0, "train.steps", "> 0", t.steps)
         for key in ("log_every", "save_every"):
@@ -189,13 +224,26 @@ def _check(ok: bool, key: str, expected: str, got) -> None:
 def _validate_stage(stage: StageConfig, name: str) -> None:
     m, d, o, s = stage.model, stage.diffusion, stage.optim, stage.sampler
     _check(stage.image_size >= 4, f"{name}.image_size", ">= 4", stage.image_size)
+    _validate_model(m, stage.image_size, name)
+    _check(d.timesteps >= 2, f"{name}.diffusion.timesteps", ">= 2", d.timesteps)
+    _check(d.schedule in SCHEDULES, f"{name}.diffusion.schedule", " or ".join(SCHEDULES), d.schedule)
+    _check(d.prediction in PREDICTIONS, f"{name}.diffusion.prediction", " or ".join(PREDICTIONS),
+           d.prediction)
+    _validate_optim(o, name)
+    _check(s.name in SAMPLERS, f"{name}.sampler.name", " or ".join(SAMPLERS), s.name)
+    _check(1 <= s.steps <= d.timesteps, f"{name}.sampler.steps",
+           f"in [1, {name}.diffusion.timesteps = {d.timesteps}]", s.steps)
+    _check(0.0 <= s.eta <= 1.0, f"{name}.sampler.eta", "in [0, 1]", s.eta)
+
+
+def _validate_model(m: ModelConfig, image_size: int, name: str) -> None:
     _check(m.channels > 0, f"{name}.model.channels", "> 0", m.channels)
     _check(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult),
            f"{name}.model.channel_mult", "a non-empty list of positive ints", m.channel_mult)
     down = 2 ** (len(m.channel_mult) - 1)
-    _check(stage.image_size % down == 0, f"{name}.image_size",
-           f"divisible by 2**(len(channel_mult)-1) = {down}", stage.image_size)
-    reached = [stage.image_size // 2 ** i for i in range(len(m.channel_mult))]
+    _check(image_size % down == 0, f"{name}.image_size",
+           f"divisible by 2**(len(channel_mult)-1) = {down}", image_size)
+    reached = [image_size // 2 ** i for i in range(len(m.channel_mult))]
     for r in m.attention_resolutions:
         _check(r in reached, f"{name}.model.attention_resolutions",
                f"resolutions this UNet reaches {reached}", m.attention_resolutions)
@@ -210,10 +258,12 @@ def _validate_stage(stage: StageConfig, name: str) -> None:
                    f"a divisor of every level's width ({width})", m.num_heads)
     _check(0.0 <= m.dropout < 1.0, f"{name}.model.dropout", "in [0, 1)", m.dropout)
     _check(m.num_classes >= 0, f"{name}.model.num_classes", ">= 0", m.num_classes)
-    _check(d.timesteps >= 2, f"{name}.diffusion.timesteps", ">= 2", d.timesteps)
-    _check(d.schedule in SCHEDULES, f"{name}.diffusion.schedule", " or ".join(SCHEDULES), d.schedule)
-    _check(d.prediction in PREDICTIONS, f"{name}.diffusion.prediction", " or ".join(PREDICTIONS),
-           d.prediction)
+    _check(0.0 <= m.label_dropout < 1.0, f"{name}.model.label_dropout", "in [0, 1)", m.label_dropout)
+    _check(m.label_dropout == 0 or m.num_classes > 0, f"{name}.model.label_dropout",
+           "0 unless model.num_classes > 0 (there are no labels to drop)", m.label_dropout)
+
+
+def _validate_optim(o: OptimConfig, name: str) -> None:
     _check(o.batch_size >= 1, f"{name}.optim.batch_size", ">= 1", o.batch_size)
     _check(o.lr > 0, f"{name}.optim.lr", "> 0", o.lr)
     _check(o.weight_decay >= 0, f"{name}.optim.weight_decay", ">= 0", o.weight_decay)
@@ -221,10 +271,6 @@ def _validate_stage(stage: StageConfig, name: str) -> None:
     _check(o.grad_clip >= 0, f"{name}.optim.grad_clip", ">= 0 (0 disables)", o.grad_clip)
     _check(0.0 <= o.ema_decay < 1.0, f"{name}.optim.ema_decay", "in [0, 1)", o.ema_decay)
     _check(o.crop_size >= 0, f"{name}.optim.crop_size", ">= 0", o.crop_size)
-    _check(s.name in SAMPLERS, f"{name}.sampler.name", " or ".join(SAMPLERS), s.name)
-    _check(1 <= s.steps <= d.timesteps, f"{name}.sampler.steps",
-           f"in [1, {name}.diffusion.timesteps = {d.timesteps}]", s.steps)
-    _check(0.0 <= s.eta <= 1.0, f"{name}.sampler.eta", "in [0, 1]", s.eta)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -247,11 +293,24 @@ def from_dict(cls, data, prefix: str = "", base=None):
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{path}'{hint}; valid keys here: "
                               f"{', '.join(names)}")
+        section = _optional_section(hints[key])
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = from_dict(hints[key], value, path + ".", getattr(base, key))
+        elif section is not None:  # an optional section: absent (None) or built from its defaults
+            kwargs[key] = None if value is None else from_dict(section, value, path + ".",
+                                                                getattr(base, key))
         else:
             kwargs[key] = _coerce(hints[key], value, path)
     return dataclasses.replace(base, **kwargs)
+
+
+def _optional_section(hint):
+    """The dataclass D of a `D | None` type hint, else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 \
+            and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def _coerce(hint, value, path: str):

@@ -46,6 +46,9 @@ def gaussian_noise(like: torch.Tensor, generator: torch.Generator | None) -> tor
     return torch.randn(like.shape, generator=generator, device=device).to(like.device)
 
 
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> s * grad log p(y|x_t)
+
+
 class Prediction(NamedTuple):
     eps: torch.Tensor  # predicted noise, (B, C, H, W)
     x0: torch.Tensor  # predicted clean image, (B, C, H, W)
@@ -122,15 +125,20 @@ class GaussianDiffusion:
             - extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
 
     def model_predictions(self, model: Callable, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
-                          clip_x0: bool) -> Prediction:
-        """Run the model once and express its output as (eps, x0). With clip_x0 the x0 estimate
-        is clamped to [-1, 1] and eps recomputed to match it."""
+                          clip_x0: bool, score_fn: ScoreFn | None = None) -> Prediction:
+        """Run the model once and express its output as (eps, x0). With score_fn (classifier
+        guidance in eps form, Dhariwal & Nichol Alg. 2 / Eq. 14) eps becomes
+        eps - sqrt(1 - abar_t) * score_fn(x_t, t). With clip_x0 the x0 estimate is clamped to
+        [-1, 1] and eps recomputed to match it."""
         out = model(x_t, t, **cond).float()  # (B, C, H, W)
         if self.prediction == "eps":
             eps, x0 = out, self.predict_x0_from_eps(x_t, t, out)
         else:
             x0 = self.predict_x0_from_v(x_t, t, out)
             eps = self.predict_eps_from_x0(x_t, t, x0)
+        if score_fn is not None:
+            eps = eps - extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * score_fn(x_t, t)
+            x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
             eps = self.predict_eps_from_x0(x_t, t, x0)
@@ -157,17 +165,22 @@ class GaussianDiffusion:
         points = torch.linspace(self.num_timesteps - 1, end, steps + 1, dtype=torch.float64)
         return sorted({int(p) for p in points.round()}, reverse=True)
 
-    def p_sample(self, model, x_t, t, t_prev, cond, clip_x0, generator=None):
+    def p_sample(self, model, x_t, t, t_prev, cond, clip_x0, generator=None, score_fn=None):
         """One ancestral step x_{t_prev} ~ p(x_{t_prev} | x_t) = q(x_{t_prev} | x_t, x0_hat),
-        DDPM Alg. 2 with the posterior variance; no noise is added on the step to x_0."""
+        DDPM Alg. 2 with the posterior variance; no noise is added on the step to x_0.
+        With score_fn, classifier guidance moves the mean to mu + Sigma * score_fn(x_t, t)
+        (Dhariwal & Nichol Alg. 1; the scale s is inside score_fn)."""
         pred = self.model_predictions(model, x_t, t, cond, clip_x0)
         mean, var = self.q_posterior(pred.x0, x_t, t, t_prev)
+        if score_fn is not None:
+            mean = mean + var * score_fn(x_t, t)
         return mean + var.sqrt() * gaussian_noise(x_t, generator)  # var is 0 where t_prev = -1
 
-    def ddim_step(self, model, x_t, t, t_prev, cond, clip_x0, eta, generator=None):
+    def ddim_step(self, model, x_t, t, t_prev, cond, clip_x0, eta, generator=None, score_fn=None):
         """One DDIM step, Song et al. Eq. 12: x_prev = sqrt(abar_prev) x0_hat
-        + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z, sigma from Eq. 16 scaled by eta."""
-        pred = self.model_predictions(model, x_t, t, cond, clip_x0)
+        + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z, sigma from Eq. 16 scaled by eta;
+        score_fn guides eps_hat (see model_predictions)."""
+        pred = self.model_predictions(model, x_t, t, cond, clip_x0, score_fn)
         abar_t, abar_prev = self.abar(t, x_t.ndim), self.abar(t_prev, x_t.ndim)
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()  # Eq. 16
         coef_eps = (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt()
@@ -177,12 +190,14 @@ class GaussianDiffusion:
             x_prev = x_prev + sigma * gaussian_noise(x_t, generator)
         return x_prev
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: classifier guidance differentiates through x_t
     def sample(self, model, noise: torch.Tensor, cond: dict, sampler: SamplerConfig,
-               end: int = -1, generator: torch.Generator | None = None) -> torch.Tensor:
+               end: int = -1, generator: torch.Generator | None = None,
+               score_fn: ScoreFn | None = None) -> torch.Tensor:
         """Run the reverse process from x_{T-1} = noise (B, C, H, W) down to state `end`
         (-1: the clean image; end >= 0 stops early, as truncated conditioning augmentation
-        needs). `ddpm` with steps = T - 1 - end is the full ancestral chain."""
+        needs). `ddpm` with steps = T - 1 - end is the full ancestral chain. score_fn, when
+        given, is classifier guidance (see guidance.py)."""
         x = noise
         points = self.timesteps(sampler.steps, end)
         batch = noise.shape[0]
@@ -190,8 +205,9 @@ class GaussianDiffusion:
             t_batch = torch.full((batch,), t, device=x.device, dtype=torch.long)
             prev_batch = torch.full((batch,), t_prev, device=x.device, dtype=torch.long)
             if sampler.name == "ddpm":
-                x = self.p_sample(model, x, t_batch, prev_batch, cond, sampler.clip_x0, generator)
+                x = self.p_sample(model, x, t_batch, prev_batch, cond, sampler.clip_x0, generator,
+                                  score_fn)
             else:
                 x = self.ddim_step(model, x, t_batch, prev_batch, cond, sampler.clip_x0,
-                                   sampler.eta, generator)
+                                   sampler.eta, generator, score_fn)
         return x

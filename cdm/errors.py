@@ -1,4 +1,4 @@
-"""User-facing errors: one clear line and exit code 2, never a traceback."""
+"""User-facing errors: one clear line and exit code 2, never a traceback; argument types."""
 from __future__ import annotations
 
 import argparse
@@ -25,3 +25,22 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers, e.g. 0,25,50."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def scale_list(text: str) -> list[float]:
+    """argparse type: comma-separated scales >= 0, e.g. 0,1,3."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected scales >= 0, got {text!r}")
+    return values

@@ -5,11 +5,14 @@
         --aug-mode truncated,non_truncated --plot --out output/eval_aug      # a sweep: one loop
     python -m cdm.evaluate --checkpoint CKPT --base-steps 10,25,50 --sr-steps 2,5,10
     python -m cdm.evaluate --checkpoint CKPT --base-sampler ddpm --base-steps 1000
+    python -m cdm.evaluate --checkpoint COND_CKPT --cfg-scale 0,1,3 \
+        --guidance-scale 0,1,3,10 --noisy-classifier COND_CKPT        # guidance study
 
 Sample table: every set is scored against the MNIST test split (10,000 digits) with the
 classifier's features: FD (with its N), precision, recall, class KL from uniform, share of the
-most frequent class, confidence, and for cascades the consistency MSE(downsample(x), base output)
-and the sampling time. SR table (SR3 style): each SR stage given the true 8x8 test digits, against
+most frequent class, confidence, for cascades the consistency MSE(downsample(x), base output)
+and the sampling time, and when classes were requested (a conditional model, or an .npz with
+`labels`) label_acc: how often the evaluation classifier reads the requested digit. SR table (SR3 style): each SR stage given the true 8x8 test digits, against
 bicubic upsampling: PSNR, SSIM, consistency, and how often the classifier still reads the true
 digit. Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and,
 with --plot, fd_vs_aug_level.png to --out.
@@ -33,8 +36,10 @@ from cdm.cascade import Stage, load_cascade, sample_cascade, with_sampler
 from cdm.classifier import DEFAULT_PATH, load_classifier
 from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS
 from cdm.data import downsample, load_mnist, to_model_range, to_unit_range
-from cdm.errors import ArgumentParser, UserError, run_cli
+from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale_list
 from cdm.grids import nearest_up
+from cdm.guidance import Guidance
+from cdm.noisy_classifier import load_noisy_classifier
 from cdm.runtime import autocast, resolve_device, use_bf16
 from cdm.unet import upsample_low_res
 
@@ -51,12 +56,23 @@ def load_npz_images(path: str | Path) -> torch.Tensor:
     return to_model_range(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
 
 
-def score_samples(classifier, real_feats: torch.Tensor, images: torch.Tensor) -> dict:
-    """FD, precision, recall and class statistics of images (N, C, 32, 32) vs the real features."""
+def load_npz_labels(path: str | Path) -> torch.Tensor | None:
+    """The requested classes (N,) stored beside the images, if any."""
+    with np.load(path) as data:
+        return torch.from_numpy(data["labels"]).long() if "labels" in data else None
+
+
+def score_samples(classifier, real_feats: torch.Tensor, images: torch.Tensor,
+                  labels: torch.Tensor | None = None) -> dict:
+    """FD, precision, recall and class statistics of images (N, C, 32, 32) vs the real features;
+    with the requested labels (N,), also the share the classifier reads as requested."""
     feats, probs = classifier_outputs_grey(classifier, images)
     precision, recall = metrics.precision_recall(real_feats.float(), feats.float())
-    return {"n": len(images), "fd": metrics.frechet_distance(feats, real_feats),
-            "precision": precision, "recall": recall, **metrics.class_statistics(probs)}
+    row = {"n": len(images), "fd": metrics.frechet_distance(feats, real_feats),
+           "precision": precision, "recall": recall, **metrics.class_statistics(probs)}
+    if labels is not None:
+        row["label_acc"] = (probs.argmax(1).cpu() == labels.cpu()).float().mean().item()
+    return row
 
 
 def classifier_outputs_grey(classifier, images: torch.Tensor):
@@ -102,13 +118,6 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def plot_fd_vs_level(rows: list[dict], path: Path) -> Path | None:
     """FD against aug_level, one line per (checkpoint, mode); needs matplotlib (optional)."""
     try:
@@ -146,6 +155,12 @@ def main() -> None:
     parser.add_argument("--sr-sampler", choices=SAMPLERS, help="default: config")
     parser.add_argument("--base-steps", type=int_list, help="one or more base step counts")
     parser.add_argument("--sr-steps", type=int_list, help="one or more SR step counts")
+    parser.add_argument("--cfg-scale", type=scale_list, help="classifier-free guidance weights, "
+                        "e.g. 0,1,3 (default: config; needs a conditional checkpoint)")
+    parser.add_argument("--guidance-scale", type=scale_list, help="classifier guidance scales, e.g. "
+                        "0,1,3,10 (default: config; needs --noisy-classifier)")
+    parser.add_argument("--noisy-classifier", help="checkpoint holding the noisy classifier for "
+                        "classifier guidance (not the evaluation classifier, --classifier)")
     parser.add_argument("--sr-digits", type=int, default=1000, help="test digits for the SR table (0: skip)")
     parser.add_argument("--classifier", default=str(DEFAULT_PATH))
     parser.add_argument("--seed", type=int, default=0)
@@ -170,30 +185,42 @@ def main() -> None:
     rows = [{"samples": f"MNIST test (first {half} vs last {half})",
              **score_samples(classifier, real_feats[half:], test_images[:half])}]
     for path in args.npz:
-        rows.append({"samples": Path(path).name, **score_samples(classifier, real_feats, load_npz_images(path))})
+        rows.append({"samples": Path(path).name, **score_samples(classifier, real_feats, load_npz_images(path),
+                                                                 load_npz_labels(path))})
 
     sr_rows = []
     device = resolve_device(args.device) if args.checkpoint else None
+    guide_classifier = load_noisy_classifier(args.noisy_classifier, device)[0] if args.noisy_classifier else None
+    if args.guidance_scale and guide_classifier is None:
+        raise UserError("--guidance-scale needs --noisy-classifier PATH")
     for path in args.checkpoint:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
         run = f"{Path(path).parent.name}/{Path(path).name}"
-        for level, mode, base_steps, sr_steps in itertools.product(
+        if args.cfg_scale and not stages["base"].model.num_classes:
+            raise UserError(f"--cfg-scale: '{path}' is not class-conditional")
+        for level, mode, base_steps, sr_steps, cfg_scale, scale in itertools.product(
                 args.aug_level or [cfg.augment.aug_level], modes, args.base_steps or [None],
-                args.sr_steps or [None]):
+                args.sr_steps or [None], args.cfg_scale or [cfg.guidance.cfg_scale],
+                args.guidance_scale or [cfg.guidance.classifier_scale if guide_classifier else 0.0]):
             mode = mode or cfg.augment.aug_mode
+            guidance = Guidance(cfg_scale, guide_classifier, scale)
             base = with_sampler(stages["base"], steps=base_steps, name=args.base_sampler)
             sr = with_sampler(stages["sr"], steps=sr_steps, name=args.sr_sampler)
             generator = torch.Generator(device).manual_seed(args.seed)
             start = time.perf_counter()
             samples = sample_cascade(base, sr, args.num_samples, level, mode, generator=generator,
-                                     batch_size=args.batch_size, bf16=bf16, progress=True)
+                                     batch_size=args.batch_size, bf16=bf16, progress=True,
+                                     guidance=guidance)
             seconds = time.perf_counter() - start
             images = samples.images.cpu()
+            guided = f", cfg {cfg_scale:g}" * bool(base.model.num_classes) + f", cg {scale:g}" * bool(scale)
             rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, "
-                                    f"{base.sampler.name}-{base.sampler.steps}/{sr.sampler.name}-{sr.sampler.steps})",
-                         "run": run, "aug_level": level, "aug_mode": mode, "sample_s": seconds,
-                         **score_samples(classifier, real_feats, images),
+                                    f"{base.sampler.name}-{base.sampler.steps}/{sr.sampler.name}-{sr.sampler.steps}"
+                                    f"{guided})",
+                         "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,
+                         "guidance_scale": scale, "sample_s": seconds,
+                         **score_samples(classifier, real_feats, images, samples.labels),
                          "consistency": metrics.consistency(images, samples.base.cpu()).mean().item()})
             print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
         if args.sr_digits:
@@ -219,7 +246,7 @@ def main() -> None:
 
 
 COLUMNS = ["samples", "n", "fd", "precision", "recall", "class_kl", "max_class", "confidence",
-           "consistency", "sample_s"]
+           "label_acc", "consistency", "sample_s"]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid, save_image
 
 from cdm.cascade import CascadeSamples
 from cdm.data import to_unit_range
@@ -35,3 +37,25 @@ def save_cascade_grids(samples: CascadeSamples, out_dir: str | Path, suffix: str
     save_image(pairs, paths["side_by_side"], nrow=2 * min(8, nrow), padding=2, pad_value=0.5)
     return paths
 
+
+
+def save_labelled_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path,
+                       padding: int = 2, margin: int = 16) -> Path:
+    """One row per requested class (ascending), its label written in a left margin; rows with
+    fewer samples are padded with black. images (N, C, H, W) in [-1, 1], labels (N,)."""
+    images, labels = images.float().cpu(), labels.cpu()
+    classes = labels.unique().tolist()
+    cols = max(int((labels == c).sum()) for c in classes)
+    rows = []
+    for c in classes:
+        row = images[labels == c]  # (k, C, H, W)
+        rows += [row, row.new_full((cols - len(row), *row.shape[1:]), -1.0)]
+    grid = make_grid(to_unit_range(torch.cat(rows)), nrow=cols, padding=padding, pad_value=0.5)
+    canvas = Image.new("RGB", (grid.shape[-1] + margin, grid.shape[-2]), (128, 128, 128))
+    canvas.paste(to_pil_image(grid), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    step = images.shape[-2] + padding
+    for i, c in enumerate(classes):
+        draw.text((4, padding + i * step + step // 2 - 6), str(c), fill=(255, 255, 0))
+    canvas.save(path)
+    return Path(path)

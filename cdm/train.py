@@ -2,7 +2,9 @@
 
 Each step draws one batch of 32x32 digits. The base stage learns the 8x8 downsampled batch; the
 SR stage learns the 32x32 batch given its own 8x8 version, blurred and noised by conditioning
-augmentation. Each stage has its own UNet, AdamW, warm-up, gradient clipping and EMA.
+augmentation; a noisy classifier, when the config has a `classifier:` section, learns the labels
+of the base stage's noisy 8x8 x_t. Each has its own network, AdamW, warm-up, gradient clipping
+and EMA.
 The loop reads top to bottom: lr -> batch -> cond -> loss -> backward -> clip -> step -> EMA ->
 log -> preview -> checkpoint. Ctrl-C saves a checkpoint before exiting.
 """
@@ -27,14 +29,16 @@ from tqdm import tqdm
 
 from cdm.augment import blur_low_res, noise_low_res, sample_aug_levels, sr_cond
 from cdm.cascade import Stage, build_stage, sample_cascade
-from cdm.checkpoint import (FORMAT_VERSION, STAGES, checkpoint_config, load_checkpoint, load_state,
-                            save_checkpoint, stage_weights)
+from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, STAGES, checkpoint_config, load_checkpoint,
+                            load_state, save_checkpoint, stage_weights)
 from cdm.config import Config, StageConfig
 from cdm.data import downsample, load_mnist
 from cdm.distributed import DistInfo, any_rank, gather, setup, teardown
 from cdm.diffusion import GaussianDiffusion, gaussian_noise
 from cdm.errors import UserError
 from cdm.grids import save_cascade_grids
+from cdm.guidance import drop_labels
+from cdm.noisy_classifier import NoisyClassifier, classifier_losses, classifier_stage_config
 from cdm.runtime import autocast, git_commit, resolve_device, use_bf16
 from cdm.unet import UNet, upsample_low_res
 
@@ -43,9 +47,9 @@ from cdm.unet import UNet, upsample_low_res
 class TrainStage:
     name: str
     cfg: StageConfig
-    model: UNet  # the trained weights (uncompiled module: what is saved)
+    model: UNet | NoisyClassifier  # the trained weights (uncompiled module: what is saved)
     forward: Callable  # model, or torch.compile(model)
-    ema: UNet  # exponential moving average of `model`, used for sampling
+    ema: UNet | NoisyClassifier  # exponential moving average of `model`, used for sampling
     optimizer: torch.optim.Optimizer
     diffusion: GaussianDiffusion
 
@@ -70,8 +74,14 @@ def learning_rate(step: int, cfg: StageConfig) -> float:
 
 def make_stage(cfg: Config, name: str, device: torch.device, compile_model: bool,
                channels_last: bool, data_parallel: bool = False) -> TrainStage:
-    stage_cfg: StageConfig = getattr(cfg, name)
-    model, diffusion = build_stage(cfg, name, device)
+    """A trainable part: a cascade stage, or the noisy classifier (on the base's forward process)."""
+    if name == CLASSIFIER:
+        stage_cfg = classifier_stage_config(cfg)
+        model = NoisyClassifier(cfg).to(device)
+        diffusion = GaussianDiffusion(cfg.base.diffusion, device)
+    else:
+        stage_cfg = getattr(cfg, name)
+        model, diffusion = build_stage(cfg, name, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -92,16 +102,36 @@ class StepStats(NamedTuple):
     skipped: torch.Tensor  # () bool: the loss or gradient was not finite, no update was made
 
 
+def draw_t_and_noise(stage: TrainStage, x0: torch.Tensor, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform timesteps t (B,) in [0, T-1] and standard normal noise shaped like x0."""
+    t = torch.randint(0, stage.diffusion.num_timesteps, (x0.shape[0],), generator=generator,
+                      device=generator.device).to(x0.device)
+    return t, gaussian_noise(x0, generator)
+
+
 def train_step(stage: TrainStage, x0: torch.Tensor, cond: dict, step: int, bf16: bool,
                generator: torch.Generator) -> StepStats:
-    """One optimizer step of one stage, with no host sync: a non-finite gradient norm makes the
-    fused AdamW skip its update on the device (its `found_inf` flag, as GradScaler uses it)."""
-    B = x0.shape[0]
-    t = torch.randint(0, stage.diffusion.num_timesteps, (B,), generator=generator,
-                      device=generator.device).to(x0.device)
-    noise = gaussian_noise(x0, generator)
+    """One optimizer step of a diffusion stage on clean images x0 (B, C, H, W)."""
+    t, noise = draw_t_and_noise(stage, x0, generator)
     with autocast(x0.device, bf16):
         losses = stage.diffusion.training_loss(stage.forward, x0, t, cond, noise)  # (B,)
+    return optimizer_step(stage, losses, t, step)
+
+
+def classifier_step(stage: TrainStage, x0: torch.Tensor, y: torch.Tensor, step: int, bf16: bool,
+                    generator: torch.Generator) -> StepStats:
+    """One optimizer step of the noisy classifier on base-size images x0 (B, C, h, w), labels y."""
+    t, noise = draw_t_and_noise(stage, x0, generator)
+    with autocast(x0.device, bf16):
+        losses = classifier_losses(stage.forward, stage.diffusion, x0, y, t, noise)  # (B,)
+    return optimizer_step(stage, losses, t, step)
+
+
+def optimizer_step(stage: TrainStage, losses: torch.Tensor, t: torch.Tensor, step: int) -> StepStats:
+    """Backward, clip, AdamW and EMA for per-example losses (B,), with no host sync: a non-finite
+    gradient norm makes the fused AdamW skip its update on the device (its `found_inf` flag, as
+    GradScaler uses it)."""
     for group in stage.optimizer.param_groups:
         group["lr"] = learning_rate(step, stage.cfg)
     stage.optimizer.zero_grad(set_to_none=True)
@@ -153,10 +183,11 @@ class StageMeter:
         return row
 
 
-def check_finite(row: dict, window_steps: int, step: int, metrics: dict, ckpt_path: Path) -> None:
+def check_finite(row: dict, names, window_steps: int, step: int, metrics: dict,
+                 ckpt_path: Path) -> None:
     """Count skipped (non-finite) steps and warn; stop when every step of a log window was
     skipped in a stage, leaving the last checkpoint as it was."""
-    for name in STAGES:
+    for name in names:
         skipped = row[f"{name}_skipped"]
         if not skipped:
             continue
@@ -204,9 +235,9 @@ def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
 def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
             generator: torch.Generator, info: DistInfo) -> tuple[int, dict]:
     """Load weights, EMA, optimizers and RNG states from a checkpoint; returns (step, metrics)."""
-    ckpt = load_checkpoint(path, "cpu")
+    ckpt = load_checkpoint(path, "cpu", parts=tuple(stages))
     stored = checkpoint_config(ckpt, path)
-    for name in STAGES:
+    for name in stages:
         if getattr(stored, name).model != getattr(cfg, name).model:
             raise UserError(f"--resume '{path}': its {name}.model config differs from this run's; "
                             f"resume with the checkpoint's own config (no --config)")
@@ -241,7 +272,7 @@ def cascade_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y
 
     # base stage: learn the 8x8 images
     nb = base.cfg.optim.batch_size
-    base_cond = {"y": y[:nb]} if cfg.base.model.num_classes else {}
+    base_cond = {"y": stage_labels(y[:nb], cfg.base, generator)} if cfg.base.model.num_classes else {}
     base_stats = train_step(base, lr_img[:nb], base_cond, step, bf16, generator)
 
     # SR stage: learn 32x32 given the blurred and noised 8x8 version (CDM section 4)
@@ -253,10 +284,26 @@ def cascade_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y
     if sr.cfg.optim.crop_size:  # patches: crop the target and the resized conditioning alike
         z = upsample_low_res(z, cfg.sr.image_size, cfg.sr.model.upsample_mode)  # (Bs, C, 32, 32)
         target, z = random_crop([target, z], sr.cfg.optim.crop_size, generator)
-    cond = sr_cond(z, levels, y[:ns] if cfg.sr.model.num_classes else None)
+    cond = sr_cond(z, levels, stage_labels(y[:ns], cfg.sr, generator) if cfg.sr.model.num_classes else None)
     sr_device = next(sr.model.parameters()).device  # another GPU with train.split_stages
     target, cond = target.to(sr_device), {k: v.to(sr_device) for k, v in cond.items()}
     return {"base": base_stats, "sr": train_step(sr, target, cond, step, bf16, generator)}
+
+
+def stage_labels(y: torch.Tensor, stage: StageConfig, generator: torch.Generator) -> torch.Tensor:
+    """A conditional stage's training labels (B,), with label dropout to the null label."""
+    return drop_labels(y, stage.model.label_dropout, stage.model.num_classes, generator)
+
+
+def run_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y: torch.Tensor,
+             step: int, bf16: bool, generator: torch.Generator) -> dict[str, StepStats]:
+    """One step of every part this run trains, all on the same batch."""
+    stats = cascade_step(stages, cfg, hr, y, step, bf16, generator) if "base" in stages else {}
+    if CLASSIFIER in stages:  # the classifier sees the base stage's images, in [-1, 1]
+        n = stages[CLASSIFIER].cfg.optim.batch_size
+        x0 = downsample(hr[:n], cfg.base.image_size)  # (Bc, C, 8, 8)
+        stats[CLASSIFIER] = classifier_step(stages[CLASSIFIER], x0, y[:n], step, bf16, generator)
+    return stats
 
 
 class StopRequest:
@@ -292,18 +339,23 @@ def split_devices(device: torch.device, info: DistInfo) -> tuple[torch.device, t
     return torch.device("cuda", 2 * info.local_rank), torch.device("cuda", 2 * info.local_rank + 1)
 
 
-def train(cfg: Config, resume: str | Path | None = None, progress: bool = True) -> Path:
-    """Train both stages for cfg.train.steps steps; returns the final checkpoint's path.
-    Under torchrun, every rank runs this function (see cdm/distributed.py)."""
+def train(cfg: Config, resume: str | Path | None = None, progress: bool = True,
+          parts: tuple[str, ...] | None = None) -> Path:
+    """Train for cfg.train.steps steps; returns the final checkpoint's path. `parts`: what to
+    train, by default both stages plus the classifier when the config has one; (CLASSIFIER,)
+    trains the classifier alone. Under torchrun, every rank runs this (see cdm/distributed.py)."""
+    if parts is None:
+        parts = STAGES + ((CLASSIFIER,) if cfg.classifier is not None else ())
     # --- choose-once settings
     info, device = setup(resolve_device(cfg.device), cfg.train.split_stages)
     try:
-        return _train(cfg, resume, progress, info, device)
+        return _train(cfg, resume, progress, info, device, parts)
     finally:
         teardown(info)
 
 
-def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.device) -> Path:
+def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.device,
+           parts: tuple[str, ...]) -> Path:
     torch.manual_seed(cfg.seed + info.rank)
     generator = torch.Generator(device).manual_seed(cfg.seed + info.rank)  # data order, t, noise, aug
     bf16 = use_bf16(cfg.train.precision, device)
@@ -317,9 +369,10 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     images, labels = load_mnist(cfg.data_root, cfg.data.download, cfg.sr.image_size,
                                 cfg.data.channels, device=device)
     images, labels = images[info.rank::info.world_size], labels[info.rank::info.world_size]
-    stage_devices = split_devices(device, info) if cfg.train.split_stages else (device, device)
-    stages = {name: make_stage(cfg, name, dev, compile_model, cfg.train.channels_last, info.enabled)
-              for name, dev in zip(STAGES, stage_devices)}
+    base_device, sr_device = split_devices(device, info) if cfg.train.split_stages else (device, device)
+    devices = {"base": base_device, "sr": sr_device, CLASSIFIER: base_device}
+    stages = {name: make_stage(cfg, name, devices[name], compile_model, cfg.train.channels_last,
+                               info.enabled) for name in parts}
     step, metrics = 0, {"skipped_steps": 0, "train_seconds": 0.0, "preview_seconds": 0.0}
     if resume is not None:
         step, metrics = restore(resume, cfg, stages, generator, info)
@@ -327,7 +380,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
         write_run_info(cfg, device)
     ckpt_path = cfg.run_dir / "checkpoint.pt"
     meters = {name: StageMeter(stage.diffusion.num_timesteps, device) for name, stage in stages.items()}
-    batch = max(stages[name].cfg.optim.batch_size for name in STAGES)
+    batch = max(stage.cfg.optim.batch_size for stage in stages.values())
 
     def save() -> Path:
         rng_states = gather(info, rng_state(generator))  # every rank takes part
@@ -352,7 +405,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
             while step < cfg.train.steps:
                 idx = torch.randint(0, images.shape[0], (batch,), generator=generator, device=device)
                 hr = images[idx].contiguous(memory_format=memory_format)  # (B, C, 32, 32)
-                for name, stats in cascade_step(stages, cfg, hr, labels[idx], step, bf16, generator).items():
+                for name, stats in run_step(stages, cfg, hr, labels[idx], step, bf16, generator).items():
                     meters[name].add(stats)
                 step += 1
                 window_steps += 1
@@ -362,16 +415,16 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
                     elapsed = time.perf_counter() - window_start
                     row = {"step": step, "images_per_s": window_steps * batch * info.world_size / elapsed,
                            "ms_per_step": 1000 * elapsed / window_steps}
-                    for name in STAGES:
+                    for name in stages:
                         row.update({f"{name}_{k}": v for k, v in meters[name].read().items()})
                         row[f"{name}_lr"] = learning_rate(step - 1, stages[name].cfg)
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
-                    check_finite(row, window_steps, step, metrics, ckpt_path)
-                    bar.set_postfix(base=f"{row['base_loss']:.4f}", sr=f"{row['sr_loss']:.4f}",
+                    check_finite(row, stages, window_steps, step, metrics, ckpt_path)
+                    bar.set_postfix(**{name: f"{row[f'{name}_loss']:.4f}" for name in stages},
                                     img_s=f"{row['images_per_s']:.0f}")
                     window_start, window_steps = time.perf_counter(), 0
-                if info.is_main and cfg.train.sample_every and (
+                if info.is_main and cfg.train.sample_every and "base" in stages and (
                         step % cfg.train.sample_every == 0 or step == cfg.train.steps):
                     seconds = preview(stages, cfg, step, bf16)
                     metrics["preview_seconds"] += seconds
@@ -397,6 +450,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
         raise SystemExit(130)
     if info.is_main:
         share = 100 * metrics["preview_seconds"] / max(metrics["train_seconds"], 1e-9)
+        grids = f"; grids in {cfg.run_dir / 'samples'}" if "base" in stages else ""
         print(f"done: {step} steps in {metrics['train_seconds']:.0f}s (previews {share:.1f}% of it); "
-              f"checkpoint {path}; grids in {cfg.run_dir / 'samples'}")
+              f"checkpoint {path}{grids}")
     return path

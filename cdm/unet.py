@@ -122,64 +122,87 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class UNet(nn.Module):
+def res_block(cfg: ModelConfig, in_ch: int, out_ch: int) -> ResBlock:
+    return ResBlock(in_ch, out_ch, 4 * cfg.channels, cfg.dropout, cfg.norm_groups)
+
+
+def attention(cfg: ModelConfig, width: int) -> AttentionBlock:
+    return AttentionBlock(width, cfg.num_heads, cfg.norm_groups)
+
+
+class Encoder(nn.Module):
+    """The UNet's first half: the time embedding, the input conv, per level `num_res_blocks`
+    residual blocks (with attention at `attention_resolutions`) and a downsample, then the
+    middle block. The UNet adds the decoder; the noisy classifier adds a pooling head."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int, in_channels: int):
+        super().__init__()
+        ch = self.base_channels = cfg.channels
+        self.emb_dim = 4 * ch
+        self.time_embed = self.embed_mlp()
+        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        self.skip_widths, width, size = [ch], ch, image_size  # widths the decoder's skips will have
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res_block(cfg, width, ch * mult)]
+                width = ch * mult
+                if size in cfg.attention_resolutions:
+                    layers.append(attention(cfg, width))
+                self.down.append(EmbedSequential(*layers))
+                self.skip_widths.append(width)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(EmbedSequential(Downsample(width)))
+                self.skip_widths.append(width)
+                size //= 2
+        self.middle = EmbedSequential(res_block(cfg, width, width), attention(cfg, width),
+                                      res_block(cfg, width, width))
+        self.width, self.size = width, size  # at the bottom of the U
+
+    def embed_mlp(self) -> nn.Module:
+        """Sinusoidal features (B, ch) -> embedding (B, 4 ch); one per conditioning scalar."""
+        ch = self.base_channels
+        return nn.Sequential(nn.Linear(ch, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim))
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time_embed(timestep_embedding(t, self.base_channels))  # (B, E)
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, C_in, H, W) -> the middle block's output and the skips, shallowest first."""
+        h = self.input_conv(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        return self.middle(h, emb), skips
+
+
+class UNet(Encoder):
     def __init__(self, cfg: ModelConfig, image_size: int, channels: int,
                  low_res_channels: int = 0, aug_embed: bool = False):
-        super().__init__()
+        super().__init__(cfg, image_size, channels + low_res_channels)
         self.image_size = image_size
         self.low_res_channels = low_res_channels
         self.num_classes = cfg.num_classes
         self.upsample_mode = cfg.upsample_mode
-        ch, groups = cfg.channels, cfg.norm_groups
-        emb_dim = 4 * ch
-        self.base_channels = ch
-
-        def embed_mlp() -> nn.Module:
-            return nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        self.time_embed = embed_mlp()
-        self.aug_embed = embed_mlp() if aug_embed else None
-        self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-
-        def res(in_ch: int, out_ch: int) -> ResBlock:
-            return ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, groups)
-
-        def attn(width: int) -> AttentionBlock:
-            return AttentionBlock(width, cfg.num_heads, groups)
-
-        # encoder: each level has num_res_blocks blocks, then a downsample (except the last)
-        self.input_conv = nn.Conv2d(channels + low_res_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_widths, width, size = [ch], ch, image_size
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [res(width, ch * mult)]
-                width = ch * mult
-                if size in cfg.attention_resolutions:
-                    layers.append(attn(width))
-                self.down.append(EmbedSequential(*layers))
-                skip_widths.append(width)
-            if level < len(cfg.channel_mult) - 1:
-                self.down.append(EmbedSequential(Downsample(width)))
-                skip_widths.append(width)
-                size //= 2
-
-        self.middle = EmbedSequential(res(width, width), attn(width), res(width, width))
+        self.aug_embed = self.embed_mlp() if aug_embed else None
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, self.emb_dim) if cfg.num_classes else None
 
         # decoder: num_res_blocks + 1 blocks per level, each eating one skip, then an upsample
+        ch, width, size, skip_widths = cfg.channels, self.width, self.size, list(self.skip_widths)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [res(width + skip_widths.pop(), ch * mult)]
+                layers = [res_block(cfg, width + skip_widths.pop(), ch * mult)]
                 width = ch * mult
                 if size in cfg.attention_resolutions:
-                    layers.append(attn(width))
+                    layers.append(attention(cfg, width))
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(width))
                     size *= 2
                 self.up.append(EmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(),
+        self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, width), nn.SiLU(),
                                  zero_module(nn.Conv2d(width, channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor | None = None,
@@ -190,7 +213,7 @@ class UNet(nn.Module):
         assert (low_res is not None) == (self.low_res_channels > 0), "low_res iff configured"
         assert (aug_level is not None) == (self.aug_embed is not None), "aug_level iff configured"
         assert (y is not None) == (self.label_embed is not None), "labels iff num_classes > 0"
-        emb = self.time_embed(timestep_embedding(t, self.base_channels))  # (B, E)
+        emb = self.embed_time(t)  # (B, E)
         if self.aug_embed is not None:
             emb = emb + self.aug_embed(timestep_embedding(aug_level, self.base_channels))
         if self.label_embed is not None:
@@ -198,12 +221,7 @@ class UNet(nn.Module):
         if low_res is not None:
             low_res = upsample_low_res(low_res, x.shape[-1], self.upsample_mode)
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)  # (B, C + C_lr, H, W)
-        h = self.input_conv(x)
-        skips = [h]
-        for block in self.down:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle(h, emb)
+        h, skips = self.encode(x, emb)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H, W)
         return self.out(h)

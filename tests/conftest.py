@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny config, pointed at a temporary output folder and the shared MNIST."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,16 @@ if "CDM_DATA_ROOT" not in os.environ and SHARED_DATA.is_dir():
 def tiny_cfg(tmp_path):
     """configs/tiny.yaml writing under tmp_path; MNIST from $CDM_DATA_ROOT (../shared/data)."""
     return load_config(ROOT / "configs" / "tiny.yaml", [f"out_dir={tmp_path}", "data.download=false"])
+
+
+def run_script(*args, expect=0):
+    """Run `python ARGS...` in the repository root like a user; assert its exit status."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, proc.stdout + proc.stderr
+    return proc
+
+
+def assert_one_line_error(proc, message):
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") <= 1  # at most a device note and the error line

@@ -1,18 +1,10 @@
 """The two scripts end to end, as a user runs them (subprocesses, real MNIST from the shared root)."""
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
-
-
-def run(*args, expect=0):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == expect, proc.stdout + proc.stderr
-    return proc
+from conftest import assert_one_line_error
+from conftest import run_script as run
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +55,7 @@ def test_sampling_is_deterministic_for_a_seed(trained, tmp_path):
     (["sample.py", "--checkpoint", "configs/tiny.yaml"], "not a torch checkpoint file"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message):
-    proc = run(*args, expect=2)
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") <= 1  # at most a device note and the error line
+    assert_one_line_error(run(*args, expect=2), message)
 
 
 def test_sample_rejects_an_aug_level_outside_the_trained_range(trained):

@@ -1,0 +1,233 @@
+"""Class conditioning, the noisy classifier, classifier guidance and classifier-free guidance."""
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cdm.cascade import load_cascade, sample_cascade
+from cdm.checkpoint import CLASSIFIER, CheckpointError
+from cdm.config import ConfigError, load_config
+from cdm.diffusion import GaussianDiffusion
+from cdm.guidance import Guidance, classifier_free, classifier_score, drop_labels
+from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, load_noisy_classifier
+from cdm.train import make_stage, run_step, train
+from cdm.unet import build_unet
+
+from conftest import ROOT, assert_one_line_error, run_script
+
+GUIDED = ["classifier={model: {channels: 16, norm_groups: 8, num_heads: 2}, "
+          "optim: {batch_size: 16, lr: 3.0e-3, warmup_steps: 2, ema_decay: 0.9}}",
+          "base.model.num_classes=10", "base.model.label_dropout=0.2"]
+
+
+def guided_cfg(tmp_path, *extra):
+    return load_config(ROOT / "configs" / "tiny.yaml",
+                       [f"out_dir={tmp_path}", "data.download=false", *GUIDED, *extra])
+
+
+def log_prob(classifier, x, t, y):
+    with torch.no_grad():
+        return F.log_softmax(classifier(x, t).float(), dim=-1)[torch.arange(len(y)), y]
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory):
+    """A tiny conditional cascade with a noisy classifier trained in the same run."""
+    cfg = guided_cfg(tmp_path_factory.mktemp("guided"), "train.steps=40", "train.sample_every=0",
+                     "train.save_every=40")
+    return train(cfg, progress=False)
+
+
+def randomized(module, seed=0):
+    """Every parameter redrawn, so no zero-initialised layer hides the conditioning."""
+    torch.manual_seed(seed)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return module.eval()
+
+
+def conditional_unet():
+    return randomized(build_unet(guided_cfg("unused").base.model, 8, 1, super_res=False))
+
+
+# --------------------------------------------------------------------- config and labels
+
+
+def test_null_label_is_its_own_embedding_and_label_dropout_rates():
+    model = conditional_unet()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900])
+    null = model(x, t, y=torch.full((3,), 10))  # label 10 = the null label
+    assert null.shape == (3, 1, 8, 8)
+    assert not torch.allclose(null, model(x, t, y=torch.tensor([3, 3, 3])))
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (20000,), generator=gen)
+    assert torch.equal(drop_labels(y, 0.0, 10, gen), y)
+    assert (drop_labels(y, 1.0 - 1e-9, 10, gen) == 10).all()
+    dropped = drop_labels(y, 0.2, 10, gen)
+    assert abs((dropped == 10).float().mean().item() - 0.2) < 0.01
+    assert torch.equal(dropped[dropped != 10], y[dropped != 10])  # kept labels are unchanged
+
+
+@pytest.mark.parametrize("override, message", [
+    ("classifier.model.num_classes=10", "config key 'classifier.model.num_classes': expected 0"),
+    ("classifier.optim.lr=-1", "config key 'classifier.optim.lr'"),
+    ("classifier.modle={}", "unknown config key 'classifier.modle' (did you mean 'classifier.model'?)"),
+    ("sr.model.label_dropout=0.1", "config key 'sr.model.label_dropout': expected 0 unless"),
+    ("guidance.cfg_scale=-1", "config key 'guidance.cfg_scale'"),
+])
+def test_bad_guidance_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        guided_cfg("unused", override)
+
+
+# --------------------------------------------------------------------- the noisy classifier
+
+
+def test_classifier_trains_on_the_base_forward_process_in_model_range(tmp_path):
+    """All-background digits are -1 everywhere, so the classifier's inputs must have mean
+    -sqrt(abar_t) at base size: [0, 1] data, or 32x32 inputs, would fail this."""
+    cfg = guided_cfg(tmp_path, "classifier.optim.batch_size=64")
+    stages = {CLASSIFIER: make_stage(cfg, CLASSIFIER, torch.device("cpu"), False, False)}
+    seen = []
+    stages[CLASSIFIER].model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs))
+    hr = torch.full((64, 1, 32, 32), -1.0)
+    stats = run_step(stages, cfg, hr, torch.randint(0, 10, (64,)), 0, False, torch.Generator().manual_seed(0))
+    (x_t, t), = seen
+    assert x_t.shape == (64, 1, 8, 8) and stats[CLASSIFIER].losses.shape == (64,)
+    expected = -stages[CLASSIFIER].diffusion.sqrt_alpha_bar[t]  # (64,)
+    torch.testing.assert_close(x_t.mean(dim=(1, 2, 3)), expected, atol=0.5, rtol=0)
+    clean = t < 100
+    assert clean.any() and (x_t[clean].mean(dim=(1, 2, 3)) < -0.7).all()
+
+
+def test_classifier_trained_in_the_same_run_learns_and_loads(guided_run):
+    classifier, cfg = load_noisy_classifier(guided_run, "cpu")
+    assert classifier.num_classes == 10 and cfg.classifier is not None
+    x0 = torch.randn(8, 1, 8, 8)
+    assert classifier(x0, torch.arange(8) * 100).shape == (8, 10)
+    rows = [line for line in (guided_run.parent / "metrics.jsonl").read_text().splitlines()]
+    assert '"classifier_loss"' in rows[-1]
+    acc = accuracy_by_t(classifier, GaussianDiffusion(cfg.base.diffusion), x0,
+                        torch.zeros(8, dtype=torch.long), [0, 999])
+    assert set(acc) == {0, 999} and all(0 <= a <= 1 for a in acc.values())
+
+
+def test_classifier_trains_alone_and_its_checkpoint_is_not_a_cascade(tmp_path):
+    cfg = guided_cfg(tmp_path, "train.steps=3", "run_name=alone")
+    path = train(cfg, progress=False, parts=(CLASSIFIER,))
+    ckpt = torch.load(path, weights_only=True)
+    assert CLASSIFIER in ckpt and "base" not in ckpt
+    load_noisy_classifier(path, "cpu")
+    with pytest.raises(CheckpointError, match=r"missing entries \['base', 'sr'\]"):
+        load_cascade(path, "cpu")
+
+
+# --------------------------------------------------------------------- classifier guidance
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guided_step_raises_log_p_of_y(sampler):
+    """One reverse step with guidance moves x along +grad log p(y | x_t): the mean shift
+    (ancestral) and the eps form (DDIM) both raise the classifier's log p(y) at that t."""
+    classifier = randomized(NoisyClassifier(guided_cfg("unused")))
+    diffusion = GaussianDiffusion(guided_cfg("unused").base.diffusion)
+    model = conditional_unet()
+    x_t, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    t, t_prev = torch.full((16,), 600), torch.full((16,), 560)
+    cond, score = {"y": y}, classifier_score(classifier, y, scale=2.0)
+
+    def step(score_fn):
+        gen = torch.Generator().manual_seed(1)
+        if sampler == "ddpm":
+            return diffusion.p_sample(model, x_t, t, t_prev, cond, False, gen, score_fn=score_fn)
+        return diffusion.ddim_step(model, x_t, t, t_prev, cond, False, 0.0, gen, score_fn=score_fn)
+
+    with torch.no_grad():
+        plain, guided = step(None), step(score)
+    assert not torch.allclose(plain, guided)
+    assert (log_prob(classifier, guided, t_prev, y) > log_prob(classifier, plain, t_prev, y)).all()
+
+
+def test_guided_cascade_samples_are_more_likely_under_the_classifier(guided_run):
+    cfg, stages, _ = load_cascade(guided_run, "cpu")
+    classifier, _ = load_noisy_classifier(guided_run, "cpu")
+    labels = torch.arange(20) % 10
+
+    def draw(scale):
+        return sample_cascade(stages["base"], stages["sr"], 20, 0, "truncated", labels=labels,
+                              generator=torch.Generator().manual_seed(0),
+                              guidance=Guidance(classifier=classifier, classifier_scale=scale))
+
+    plain, guided = draw(0.0), draw(20.0)
+    zero = torch.zeros(20, dtype=torch.long)
+    before = log_prob(classifier, plain.base, zero, labels).mean()
+    assert log_prob(classifier, guided.base, zero, labels).mean() > before + 0.1
+    assert torch.equal(guided.labels, labels) and guided.images.shape == (20, 1, 32, 32)
+
+
+# --------------------------------------------------------------------- classifier-free guidance
+
+
+def test_cfg_weight_zero_is_the_conditional_model_and_w_mixes_with_null():
+    model = conditional_unet()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 999]), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        cond, null = model(x, t, y=y), model(x, t, y=torch.full_like(y, 10))
+        torch.testing.assert_close(classifier_free(model, 0.0, 10)(x, t, y=y), cond)
+        torch.testing.assert_close(classifier_free(model, 3.0, 10)(x, t, y=y), 4 * cond - 3 * null,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_cascade_with_cfg_zero_equals_plain_conditional_sampling(guided_run):
+    cfg, stages, _ = load_cascade(guided_run, "cpu")
+    out = [sample_cascade(stages["base"], stages["sr"], 6, 0, "truncated",
+                          generator=torch.Generator().manual_seed(0), guidance=guidance).images
+           for guidance in (None, Guidance(cfg_scale=0.0))]
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    stronger = sample_cascade(stages["base"], stages["sr"], 6, 0, "truncated",
+                              generator=torch.Generator().manual_seed(0), guidance=Guidance(cfg_scale=3.0))
+    assert not torch.allclose(out[0], stronger.images)
+
+
+# --------------------------------------------------------------------- sample.py
+
+
+def test_sample_class_grid_with_both_guidances_writes_labels(guided_run, tmp_path):
+    run_script("sample.py", "--checkpoint", str(guided_run), "--class-grid", "--num-samples", "20",
+               "--cfg-scale", "1", "--classifier", str(guided_run), "--guidance-scale", "2",
+               "--out", str(tmp_path), "--device", "cpu")
+    data = np.load(tmp_path / "samples.npz")
+    assert data["images"].shape == (20, 32, 32, 1)
+    assert data["labels"].tolist() == [d for d in range(10) for _ in range(2)]
+    assert (tmp_path / "labelled.png").is_file()
+
+
+def test_sample_labels_repeat_to_fill(guided_run, tmp_path):
+    run_script("sample.py", "--checkpoint", str(guided_run), "--labels", "3,7", "--num-samples", "5",
+               "--out", str(tmp_path), "--device", "cpu")
+    assert np.load(tmp_path / "samples.npz")["labels"].tolist() == [3, 7, 3, 7, 3]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--labels", "3,12"], "--labels: 12 is not a class of this model; expected digits in 0..9"),
+    (["--labels", "-1"], "--labels: -1 is not a class"),
+    (["--labels", "three"], "expected comma-separated integers"),
+    (["--guidance-scale", "3"], "--guidance-scale needs --classifier PATH"),
+    (["--cfg-scale", "-2"], "--cfg-scale -2.0: expected a scale >= 0"),
+])
+def test_sample_guidance_flags_fail_with_one_line(guided_run, flags, message):
+    proc = run_script("sample.py", "--checkpoint", str(guided_run), "--device", "cpu", *flags, expect=2)
+    assert_one_line_error(proc, message)
+
+
+def test_unconditional_checkpoint_refuses_labels_and_cfg(tmp_path):
+    path = train(load_config(ROOT / "configs" / "tiny.yaml", [
+        f"out_dir={tmp_path}", "data.download=false", "train.steps=1", "train.sample_every=0"]),
+        progress=False)
+    for flags, message in ((["--labels", "3"], "--labels/--class-grid need a class-conditional"),
+                           (["--cfg-scale", "1"], "--cfg-scale needs a class-conditional checkpoint"),
+                           (["--classifier", str(path)], "missing entries ['classifier']")):
+        proc = run_script("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2)
+        assert_one_line_error(proc, message)
