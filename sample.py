@@ -57,7 +57,7 @@ def make_guidance(args, cfg, base_classes: int, device) -> tuple[Guidance, int]:
     classes labels may take (0: nothing here can follow a label)."""
     classifier = None
     if args.classifier:
-        classifier, _ = load_noisy_classifier(args.classifier, device)
+        classifier, _ = load_noisy_classifier(args.classifier, device, cascade=cfg)
     elif args.guidance_scale is not None:
         raise UserError("--guidance-scale needs --classifier PATH (a checkpoint holding a noisy classifier)")
     cfg_scale = cfg.guidance.cfg_scale if args.cfg_scale is None else args.cfg_scale

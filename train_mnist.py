@@ -2,6 +2,7 @@
 
     python train_mnist.py                                    # GPU config (CPU config if no CUDA)
     python train_mnist.py --config configs/cdm_mnist_cpu.yaml  # ~15 min on a 2-core CPU
+    python train_mnist.py --config configs/cdm_mnist_cpu_cond.yaml  # class-conditional + classifier
     python train_mnist.py --config configs/tiny.yaml --set train.steps=20 --device cpu
     python train_mnist.py --resume output/cdm_mnist/checkpoint.pt   # continue exactly
 

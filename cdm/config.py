@@ -110,7 +110,8 @@ class ClassifierConfig:
 class GuidanceConfig:
     """Sampling-time guidance of the base stage toward requested labels (sample.py overrides)."""
 
-    classifier_scale: float = 1.0  # s of classifier guidance, used when a classifier is given
+    classifier_scale: float = 3.0  # s of classifier guidance, used when a classifier is given
+    # (README 9.6: on the unconditional CPU cascade s = 3 reads 98.9% as asked, with the best FD)
     cfg_scale: float = 0.0  # w of classifier-free guidance (needs a conditional, label-dropout model)
 
 

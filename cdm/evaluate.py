@@ -190,13 +190,14 @@ def main() -> None:
 
     sr_rows = []
     device = resolve_device(args.device) if args.checkpoint else None
-    guide_classifier = load_noisy_classifier(args.noisy_classifier, device)[0] if args.noisy_classifier else None
-    if args.guidance_scale and guide_classifier is None:
+    if args.guidance_scale and not args.noisy_classifier:
         raise UserError("--guidance-scale needs --noisy-classifier PATH")
     for path in args.checkpoint:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
         run = f"{Path(path).parent.name}/{Path(path).name}"
+        guide_classifier = (load_noisy_classifier(args.noisy_classifier, device, cascade=cfg)[0]
+                            if args.noisy_classifier else None)
         if args.cfg_scale and not stages["base"].model.num_classes:
             raise UserError(f"--cfg-scale: '{path}' is not class-conditional")
         for level, mode, base_steps, sr_steps, cfg_scale, scale in itertools.product(

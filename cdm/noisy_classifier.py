@@ -61,12 +61,20 @@ def classifier_losses(classifier, diffusion: GaussianDiffusion, x0: torch.Tensor
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
-def load_noisy_classifier(path: str | os.PathLike, device: torch.device | str
-                          ) -> tuple[NoisyClassifier, Config]:
+def load_noisy_classifier(path: str | os.PathLike, device: torch.device | str,
+                          cascade: Config | None = None) -> tuple[NoisyClassifier, Config]:
     """The noisy classifier stored in a checkpoint (EMA weights, ready for guidance) and the
-    checkpoint's config."""
+    checkpoint's config. With `cascade`, check that it was trained on that cascade's base
+    images and forward process (size, channels, schedule), else its gradient means nothing."""
     ckpt = load_checkpoint(path, device, parts=(CLASSIFIER,))
     cfg = checkpoint_config(ckpt, path)
+    if cascade is not None:
+        for key, ours, theirs in (("base.image_size", cfg.base.image_size, cascade.base.image_size),
+                                  ("data.channels", cfg.data.channels, cascade.data.channels),
+                                  ("base.diffusion", cfg.base.diffusion, cascade.base.diffusion)):
+            if ours != theirs:
+                raise UserError(f"classifier '{path}' was trained with {key} = {ours}, but this "
+                                f"cascade has {theirs}: train a classifier for it")
     model = NoisyClassifier(cfg).to(device)
     load_state(model, stage_weights(ckpt, CLASSIFIER, "ema", path), path, "classifier ema weights")
     return model.eval().requires_grad_(False), cfg

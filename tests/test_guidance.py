@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from cdm.cascade import load_cascade, sample_cascade
 from cdm.checkpoint import CLASSIFIER, CheckpointError
 from cdm.config import ConfigError, load_config
+from cdm.errors import UserError
 from cdm.diffusion import GaussianDiffusion
 from cdm.guidance import Guidance, classifier_free, classifier_score, drop_labels
 from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, load_noisy_classifier
@@ -231,3 +232,9 @@ def test_unconditional_checkpoint_refuses_labels_and_cfg(tmp_path):
                            (["--classifier", str(path)], "missing entries ['classifier']")):
         proc = run_script("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2)
         assert_one_line_error(proc, message)
+
+
+def test_classifier_for_another_base_schedule_is_refused(guided_run, tmp_path):
+    cascade = guided_cfg(tmp_path, "base.diffusion.schedule=linear")
+    with pytest.raises(UserError, match="trained with base.diffusion"):
+        load_noisy_classifier(guided_run, "cpu", cascade=cascade)
