@@ -238,3 +238,15 @@ def test_classifier_for_another_base_schedule_is_refused(guided_run, tmp_path):
     cascade = guided_cfg(tmp_path, "base.diffusion.schedule=linear")
     with pytest.raises(UserError, match="trained with base.diffusion"):
         load_noisy_classifier(guided_run, "cpu", cascade=cascade)
+
+
+def test_conditional_sr_stage_trains_with_label_dropout_and_samples_under_cfg(tmp_path):
+    cfg = guided_cfg(tmp_path, "sr.model.num_classes=10", "sr.model.label_dropout=0.5",
+                     "train.steps=2", "train.sample_every=0")
+    _, stages, _ = load_cascade(train(cfg, progress=False), "cpu")
+    assert stages["sr"].model.num_classes == 10
+    labels = torch.tensor([1, 4, 9])
+    out = sample_cascade(stages["base"], stages["sr"], 3, 0, "truncated", labels=labels,
+                         generator=torch.Generator().manual_seed(0), guidance=Guidance(cfg_scale=2.0))
+    assert out.images.shape == (3, 1, 32, 32) and torch.isfinite(out.images).all()
+    assert torch.equal(out.labels, labels)
