@@ -67,7 +67,7 @@ class OptimConfig:
 
 @dataclass
 class SamplerConfig:
-    name: str = "ddim"  # ddpm (ancestral, DDPM Alg. 2) | ddim (Song et al. 2021)
+    name: str = "ddim"  # ddpm (ancestral, DDPM Alg. 2) | ddim (Song et al. 2021) | dpm++2m (Lu et al.)
     steps: int = 50  # number of denoising steps (ddpm with steps < T uses a respaced chain)
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance
     clip_x0: bool = True  # clamp the predicted x0 to [-1, 1] at every step
@@ -214,7 +214,7 @@ class Config:
 AUG_MODES = ("truncated", "non_truncated")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
 def _check(ok: bool, key: str, expected: str, got) -> None:

@@ -8,7 +8,8 @@ t_prev >= -1. The diffusion object holds no weights: the model is passed in and 
 conditioning travels as a dict `cond`, forwarded as `model(x_t, t, **cond)` without being opened.
 
 Papers: DDPM = Ho et al. 2020; DDIM = Song et al. 2021; cosine schedule = Nichol & Dhariwal
-2021; v-prediction = Salimans & Ho 2022.
+2021; v-prediction = Salimans & Ho 2022; DPM-Solver++ = Lu et al. 2022 ("DPM-Solver++: Fast
+Solver for Guided Sampling of Diffusion Probabilistic Models").
 """
 from __future__ import annotations
 
@@ -190,6 +191,32 @@ class GaussianDiffusion:
             x_prev = x_prev + sigma * gaussian_noise(x_t, generator)
         return x_prev
 
+    def dpm_solver_step(self, model, x_t, t, t_prev, cond, clip_x0, history, score_fn=None):
+        """One DPM-Solver++(2M) step (Lu et al. 2022, Alg. 2), a second-order multistep solver
+        of the diffusion ODE in x0-prediction form. With lambda = log(alpha / sigma),
+        alpha = sqrt(abar), sigma = sqrt(1 - abar), h = lambda_prev - lambda_t:
+        x_prev = sigma_prev / sigma_t x_t - alpha_prev (e^-h - 1) D, where D is x0_hat on the
+        first step and (1 + 1/2r) x0_hat - 1/2r x0_hat_before, r = h_before / h, after it.
+        `history` is (x0_hat, h) of the step before, or None; returns (x_prev, history). The
+        step to the clean image (sigma = 0) is x0_hat itself (first order, as is usual)."""
+        pred = self.model_predictions(model, x_t, t, cond, clip_x0, score_fn)
+        if bool((t_prev < 0).all()):
+            return pred.x0, None
+        abar_t, abar_prev = self.abar(t, x_t.ndim), self.abar(t_prev, x_t.ndim)  # float64
+
+        def half_log_snr(abar):  # lambda = log(alpha / sigma)
+            return 0.5 * torch.log(abar / (1 - abar))
+
+        h = half_log_snr(abar_prev) - half_log_snr(abar_t)
+        d = pred.x0
+        if history is not None:
+            x0_before, h_before = history
+            r = h_before / h
+            d = ((1 + 1 / (2 * r)).float() * pred.x0 - (1 / (2 * r)).float() * x0_before)
+        x_prev = (((1 - abar_prev) / (1 - abar_t)).sqrt().float() * x_t
+                  - (abar_prev.sqrt() * torch.expm1(-h)).float() * d)
+        return x_prev, (pred.x0, h)
+
     @torch.no_grad()  # not inference_mode: classifier guidance differentiates through x_t
     def sample(self, model, noise: torch.Tensor, cond: dict, sampler: SamplerConfig,
                end: int = -1, generator: torch.Generator | None = None,
@@ -198,7 +225,7 @@ class GaussianDiffusion:
         (-1: the clean image; end >= 0 stops early, as truncated conditioning augmentation
         needs). `ddpm` with steps = T - 1 - end is the full ancestral chain. score_fn, when
         given, is classifier guidance (see guidance.py)."""
-        x = noise
+        x, history = noise, None
         points = self.timesteps(sampler.steps, end)
         batch = noise.shape[0]
         for t, t_prev in zip(points[:-1], points[1:]):
@@ -207,6 +234,9 @@ class GaussianDiffusion:
             if sampler.name == "ddpm":
                 x = self.p_sample(model, x, t_batch, prev_batch, cond, sampler.clip_x0, generator,
                                   score_fn)
+            elif sampler.name == "dpm++2m":
+                x, history = self.dpm_solver_step(model, x, t_batch, prev_batch, cond,
+                                                  sampler.clip_x0, history, score_fn)
             else:
                 x = self.ddim_step(model, x, t_batch, prev_batch, cond, sampler.clip_x0,
                                    sampler.eta, generator, score_fn)
