@@ -6,6 +6,7 @@
     python sample.py --checkpoint CKPT --base-sampler ddpm --base-steps 1000   # best FD, 17x slower
     python sample.py --checkpoint COND_CKPT --class-grid --cfg-scale 1          # a row per digit
     python sample.py --checkpoint CKPT --labels 3,7 --classifier CLS_CKPT --guidance-scale 3
+    python sample.py --checkpoint COND_CKPT --unconditional      # the same network, null label
 
 Writes to --out (default: samples/ beside the checkpoint): cascade.png, base.png,
 side_by_side.png, labelled.png (one row per requested class, when there are labels) and
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--labels", type=int_list, help="classes to draw, e.g. 3,7 (repeated to "
                                                           "fill --num-samples)")
     parser.add_argument("--class-grid", action="store_true", help="one row per class")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="conditional checkpoint: sample with the null label (no class asked)")
     parser.add_argument("--classifier", help="checkpoint holding a noisy classifier: classifier guidance")
     parser.add_argument("--guidance-scale", type=float, help="classifier guidance scale s "
                                                               "(default: config guidance.classifier_scale)")
@@ -110,7 +113,14 @@ def main() -> None:
     guidance, num_classes = make_guidance(args, cfg, stages["base"].model.num_classes, device)
     if (args.labels is not None or args.class_grid) and not num_classes:
         raise UserError("--labels/--class-grid need a class-conditional checkpoint or --classifier")
-    labels = requested_labels(args, num_classes, device)
+    if args.unconditional:  # the null label: what label dropout trained the network to do alone
+        if not stages["base"].model.num_classes or guidance.classifier is not None or \
+                args.labels is not None or args.class_grid:
+            raise UserError("--unconditional needs a class-conditional checkpoint, and no "
+                            "--labels, --class-grid or --classifier")
+        labels = torch.full((args.num_samples,), stages["base"].model.num_classes, device=device)
+    else:
+        labels = requested_labels(args, num_classes, device)
     num_samples = args.num_samples if labels is None else len(labels)
     for name in ("base", "sr"):
         stages[name] = with_sampler(stages[name], name=getattr(args, f"{name}_sampler") or args.sampler,
@@ -132,7 +142,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     paths = save_cascade_grids(samples, out)
     arrays = {"images": to_uint8_nhwc(samples.images).numpy(), "base": to_uint8_nhwc(samples.base).numpy()}
-    if samples.labels is not None:
+    if samples.labels is not None and not args.unconditional:
         arrays["labels"] = samples.labels.cpu().numpy()
         paths["labelled"] = save_labelled_grid(samples.images, samples.labels, out / "labelled.png")
     np.savez_compressed(out / "samples.npz", **arrays)

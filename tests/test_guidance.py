@@ -128,10 +128,11 @@ def test_classifier_trains_alone_and_its_checkpoint_is_not_a_cascade(tmp_path):
 # --------------------------------------------------------------------- classifier guidance
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 def test_guided_step_raises_log_p_of_y(sampler):
     """One reverse step with guidance moves x along +grad log p(y | x_t): the mean shift
-    (ancestral) and the eps form (DDIM) both raise the classifier's log p(y) at that t."""
+    (ancestral) and the eps form (DDIM, DPM-Solver++) all raise the classifier's log p(y) at
+    that t."""
     classifier = randomized(NoisyClassifier(guided_cfg("unused")))
     diffusion = GaussianDiffusion(guided_cfg("unused").base.diffusion)
     model = conditional_unet()
@@ -143,6 +144,8 @@ def test_guided_step_raises_log_p_of_y(sampler):
         gen = torch.Generator().manual_seed(1)
         if sampler == "ddpm":
             return diffusion.p_sample(model, x_t, t, t_prev, cond, False, gen, score_fn=score_fn)
+        if sampler == "dpm++2m":
+            return diffusion.dpm_solver_step(model, x_t, t, t_prev, cond, False, None, score_fn)[0]
         return diffusion.ddim_step(model, x_t, t, t_prev, cond, False, 0.0, gen, score_fn=score_fn)
 
     with torch.no_grad():
@@ -203,6 +206,16 @@ def test_sample_class_grid_with_both_guidances_writes_labels(guided_run, tmp_pat
     assert data["images"].shape == (20, 32, 32, 1)
     assert data["labels"].tolist() == [d for d in range(10) for _ in range(2)]
     assert (tmp_path / "labelled.png").is_file()
+
+
+def test_sample_unconditional_uses_the_null_label(guided_run, tmp_path):
+    run_script("sample.py", "--checkpoint", str(guided_run), "--unconditional", "--num-samples", "4",
+               "--out", str(tmp_path), "--device", "cpu")
+    data = np.load(tmp_path / "samples.npz")
+    assert data["images"].shape == (4, 32, 32, 1) and "labels" not in data
+    proc = run_script("sample.py", "--checkpoint", str(guided_run), "--unconditional", "--labels", "3",
+                      "--device", "cpu", expect=2)
+    assert_one_line_error(proc, "--unconditional needs a class-conditional checkpoint, and no")
 
 
 def test_sample_labels_repeat_to_fill(guided_run, tmp_path):
