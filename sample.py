@@ -24,10 +24,10 @@ import torch
 from cdm.cascade import load_cascade, sample_cascade, with_sampler
 from cdm.config import AUG_MODES, SAMPLERS
 from cdm.data import to_uint8_nhwc
-from cdm.errors import ArgumentParser, UserError, int_list, run_cli
+from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale
 from cdm.grids import save_cascade_grids, save_labelled_grid
 from cdm.guidance import Guidance
-from cdm.noisy_classifier import load_noisy_classifier
+from cdm.noisy_classifier import check_fits, load_noisy_classifier
 from cdm.runtime import resolve_device, use_bf16
 
 
@@ -58,19 +58,17 @@ def make_guidance(args, cfg, base_classes: int, device) -> tuple[Guidance, int]:
     classes labels may take (0: nothing here can follow a label)."""
     classifier = None
     if args.classifier:
-        classifier, _ = load_noisy_classifier(args.classifier, device, cascade=cfg)
+        classifier, classifier_cfg = load_noisy_classifier(args.classifier, device)
+        check_fits(classifier_cfg, cfg, args.classifier)
     elif args.guidance_scale is not None:
         raise UserError("--guidance-scale needs --classifier PATH (a checkpoint holding a noisy classifier)")
     cfg_scale = cfg.guidance.cfg_scale if args.cfg_scale is None else args.cfg_scale
     if args.cfg_scale and not base_classes:
         raise UserError("--cfg-scale needs a class-conditional checkpoint (base.model.num_classes "
                         "> 0, trained with label dropout); this one is unconditional")
-    scale = cfg.guidance.classifier_scale if args.guidance_scale is None else args.guidance_scale
-    for flag, value in (("--cfg-scale", cfg_scale), ("--guidance-scale", scale)):
-        if value < 0:
-            raise UserError(f"{flag} {value}: expected a scale >= 0")
+    classifier_scale = cfg.guidance.classifier_scale if args.guidance_scale is None else args.guidance_scale
     num_classes = base_classes or (classifier.num_classes if classifier is not None else 0)
-    return Guidance(cfg_scale, classifier, scale if classifier is not None else 0.0), num_classes
+    return Guidance(cfg_scale, classifier, classifier_scale if classifier is not None else 0.0), num_classes
 
 
 def main() -> None:
@@ -93,9 +91,9 @@ def main() -> None:
     parser.add_argument("--unconditional", action="store_true",
                         help="conditional checkpoint: sample with the null label (no class asked)")
     parser.add_argument("--classifier", help="checkpoint holding a noisy classifier: classifier guidance")
-    parser.add_argument("--guidance-scale", type=float, help="classifier guidance scale s "
+    parser.add_argument("--guidance-scale", type=scale, help="classifier guidance scale s "
                                                               "(default: config guidance.classifier_scale)")
-    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance weight w "
+    parser.add_argument("--cfg-scale", type=scale, help="classifier-free guidance weight w "
                                                          "(default: config guidance.cfg_scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output folder")

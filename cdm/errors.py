@@ -35,12 +35,17 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def scale(text: str) -> float:
+    """argparse type: a guidance scale, a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a scale >= 0, got {text!r}")
+    return value
+
+
 def scale_list(text: str) -> list[float]:
     """argparse type: comma-separated scales >= 0, e.g. 0,1,3."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected scales >= 0, got {text!r}")
-    return values
+    return [scale(v) for v in text.split(",")]

@@ -12,10 +12,11 @@ Sample table: every set is scored against the MNIST test split (10,000 digits) w
 classifier's features: FD (with its N), precision, recall, class KL from uniform, share of the
 most frequent class, confidence, for cascades the consistency MSE(downsample(x), base output)
 and the sampling time, and when classes were requested (a conditional model, or an .npz with
-`labels`) label_acc: how often the evaluation classifier reads the requested digit. SR table (SR3 style): each SR stage given the true 8x8 test digits, against
-bicubic upsampling: PSNR, SSIM, consistency, and how often the classifier still reads the true
-digit. Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and,
-with --plot, fd_vs_aug_level.png to --out.
+`labels`) label_acc: how often the evaluation classifier reads the requested digit. SR table
+(SR3 style): each SR stage given the true 8x8 test digits, against bicubic upsampling: PSNR,
+SSIM, consistency, and how often the classifier still reads the true digit. Writes results.md,
+results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with --plot,
+fd_vs_aug_level.png to --out.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from cdm.data import downsample, load_mnist, to_model_range, to_unit_range
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale_list
 from cdm.grids import nearest_up
 from cdm.guidance import Guidance
-from cdm.noisy_classifier import load_noisy_classifier
+from cdm.noisy_classifier import check_fits, load_noisy_classifier
 from cdm.runtime import autocast, resolve_device, use_bf16
 from cdm.unet import upsample_low_res
 
@@ -192,12 +193,14 @@ def main() -> None:
     device = resolve_device(args.device) if args.checkpoint else None
     if args.guidance_scale and not args.noisy_classifier:
         raise UserError("--guidance-scale needs --noisy-classifier PATH")
+    guide_classifier, guide_cfg = (load_noisy_classifier(args.noisy_classifier, device)
+                                   if args.noisy_classifier else (None, None))
     for path in args.checkpoint:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
         run = f"{Path(path).parent.name}/{Path(path).name}"
-        guide_classifier = (load_noisy_classifier(args.noisy_classifier, device, cascade=cfg)[0]
-                            if args.noisy_classifier else None)
+        if guide_classifier is not None:
+            check_fits(guide_cfg, cfg, args.noisy_classifier)
         if args.cfg_scale and not stages["base"].model.num_classes:
             raise UserError(f"--cfg-scale: '{path}' is not class-conditional")
         for level, mode, base_steps, sr_steps, cfg_scale, scale in itertools.product(

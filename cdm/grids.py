@@ -38,7 +38,6 @@ def save_cascade_grids(samples: CascadeSamples, out_dir: str | Path, suffix: str
     return paths
 
 
-
 def save_labelled_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path,
                        padding: int = 2, margin: int = 16) -> Path:
     """One row per requested class (ascending), its label written in a left margin; rows with

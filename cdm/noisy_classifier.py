@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,23 +62,27 @@ def classifier_losses(classifier, diffusion: GaussianDiffusion, x0: torch.Tensor
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
-def load_noisy_classifier(path: str | os.PathLike, device: torch.device | str,
-                          cascade: Config | None = None) -> tuple[NoisyClassifier, Config]:
+def load_noisy_classifier(path: str | os.PathLike, device: torch.device | str
+                          ) -> tuple[NoisyClassifier, Config]:
     """The noisy classifier stored in a checkpoint (EMA weights, ready for guidance) and the
-    checkpoint's config. With `cascade`, check that it was trained on that cascade's base
-    images and forward process (size, channels, schedule), else its gradient means nothing."""
+    checkpoint's config."""
     ckpt = load_checkpoint(path, device, parts=(CLASSIFIER,))
     cfg = checkpoint_config(ckpt, path)
-    if cascade is not None:
-        for key, ours, theirs in (("base.image_size", cfg.base.image_size, cascade.base.image_size),
-                                  ("data.channels", cfg.data.channels, cascade.data.channels),
-                                  ("base.diffusion", cfg.base.diffusion, cascade.base.diffusion)):
-            if ours != theirs:
-                raise UserError(f"classifier '{path}' was trained with {key} = {ours}, but this "
-                                f"cascade has {theirs}: train a classifier for it")
     model = NoisyClassifier(cfg).to(device)
     load_state(model, stage_weights(ckpt, CLASSIFIER, "ema", path), path, "classifier ema weights")
     return model.eval().requires_grad_(False), cfg
+
+
+def check_fits(classifier_cfg: Config, cascade: Config, path: str | os.PathLike) -> None:
+    """Raise unless the classifier (config `classifier_cfg`, from `path`) was trained on the
+    cascade's base images and forward process (size, channels, schedule): else its gradient
+    means nothing to that base stage."""
+    for key, ours, theirs in (("base.image_size", classifier_cfg.base.image_size, cascade.base.image_size),
+                              ("data.channels", classifier_cfg.data.channels, cascade.data.channels),
+                              ("base.diffusion", classifier_cfg.base.diffusion, cascade.base.diffusion)):
+        if ours != theirs:
+            raise UserError(f"classifier '{path}' was trained with {key} = {ours}, but this "
+                            f"cascade has {theirs}: train a classifier for it")
 
 
 @torch.no_grad()
@@ -117,14 +122,13 @@ def main() -> None:
     from cdm.train import train  # here, not at the top: cdm.train imports this module
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="train the config's classifier: section alone")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="train the config's classifier: section alone, then report")
+    source.add_argument("--checkpoint", help="report the accuracy against t of this checkpoint's "
+                                             "classifier")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--checkpoint", help="report the accuracy against t of this checkpoint's "
-                                             "classifier (after training when --config is given)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    if not args.config and not args.checkpoint:
-        raise UserError("give --config (train a classifier alone) and/or --checkpoint (report)")
     path = args.checkpoint
     if args.config:
         cfg = load_config(args.config, args.overrides)

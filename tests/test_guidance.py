@@ -12,7 +12,7 @@ from cdm.config import ConfigError, load_config
 from cdm.errors import UserError
 from cdm.diffusion import GaussianDiffusion
 from cdm.guidance import Guidance, classifier_free, classifier_score, drop_labels
-from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, load_noisy_classifier
+from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, check_fits, load_noisy_classifier
 from cdm.train import make_stage, run_step, train
 from cdm.unet import build_unet
 
@@ -229,7 +229,7 @@ def test_sample_labels_repeat_to_fill(guided_run, tmp_path):
     (["--labels", "-1"], "--labels: -1 is not a class"),
     (["--labels", "three"], "expected comma-separated integers"),
     (["--guidance-scale", "3"], "--guidance-scale needs --classifier PATH"),
-    (["--cfg-scale", "-2"], "--cfg-scale -2.0: expected a scale >= 0"),
+    (["--cfg-scale", "-2"], "argument --cfg-scale: expected a scale >= 0, got '-2'"),
 ])
 def test_sample_guidance_flags_fail_with_one_line(guided_run, flags, message):
     proc = run_script("sample.py", "--checkpoint", str(guided_run), "--device", "cpu", *flags, expect=2)
@@ -249,8 +249,10 @@ def test_unconditional_checkpoint_refuses_labels_and_cfg(tmp_path):
 
 def test_classifier_for_another_base_schedule_is_refused(guided_run, tmp_path):
     cascade = guided_cfg(tmp_path, "base.diffusion.schedule=linear")
+    _, classifier_cfg = load_noisy_classifier(guided_run, "cpu")
+    check_fits(classifier_cfg, guided_cfg(tmp_path), guided_run)  # the cascade it was made for
     with pytest.raises(UserError, match="trained with base.diffusion"):
-        load_noisy_classifier(guided_run, "cpu", cascade=cascade)
+        check_fits(classifier_cfg, cascade, guided_run)
 
 
 def test_conditional_sr_stage_trains_with_label_dropout_and_samples_under_cfg(tmp_path):
