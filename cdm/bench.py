@@ -4,6 +4,7 @@
     python -m cdm.bench --preset anchor --compare-diffusers --precision fp32
     python -m cdm.bench --preset gpu --device cuda --json output/bench_gpu.json
     python -m cdm.bench --preset cpu --compile always     # torch.compile, compile time reported
+    python -m cdm.bench --preset evaluation               # cdm.evaluate's scoring in both spaces
 
 Per stage: parameters, FLOPs per image for one training step (forward + backward, counted by
 torch.utils.flop_counter), images/s and ms/step for training (fused AdamW, the config's
@@ -11,7 +12,8 @@ precision), the achieved FLOP/s, and sampling: ms per denoising step at --sample
 samples/s for DDIM-N and DDPM-1000 (from the measured per-step time). Peak memory: CUDA's
 allocator peak, or the process's peak RSS on the CPU. `--compare-diffusers` times diffusers'
 UNet2DModel at the anchor layout in the same run, when diffusers is installed (optional; not in
-requirements.txt).
+requirements.txt). `--preset evaluation` times cdm.evaluate instead: building both feature spaces
+(10,000 test digits), scoring 10,000 images in both, and the 5-set floor at N = 10,000.
 """
 from __future__ import annotations
 
@@ -162,9 +164,33 @@ def diffusers_anchor(channels: int) -> torch.nn.Module:
     return Wrapped()
 
 
+def bench_evaluation() -> dict:
+    """Seconds for each part of cdm.evaluate on real digits standing in for samples."""
+    import os
+
+    from cdm.classifier import DEFAULT_PATHS
+    from cdm.config import DATA_ROOT_ENV
+    from cdm.datasets import load_mnist
+    from cdm.evaluate import FeatureSpace, floor_rows, score
+
+    root = os.environ.get(DATA_ROOT_ENV, "data")
+    test_images = load_mnist(root, True, 32, 1, train=False)[0]
+    images, labels = load_mnist(root, True, 32, 1)
+    start = time.perf_counter()
+    spaces = [FeatureSpace.build(name, path, test_images) for name, path in DEFAULT_PATHS.items()]
+    timings = {"build_spaces_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    score(spaces, images[:10000], labels[:10000])
+    timings["score_10000_both_spaces_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    floor_rows(spaces, images, labels, [10000], draws=5)
+    timings["floor_n10000_5_sets_s"] = time.perf_counter() - start
+    return timings
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu", help="cpu | gpu | lesson | anchor")
+    parser.add_argument("--preset", default="cpu", help="cpu | gpu | lesson | anchor | evaluation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["config", "fp32", "bf16"], default="config")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per stage")
@@ -176,6 +202,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
+    if args.preset == "evaluation":
+        result = {"preset": "evaluation", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+                  **bench_evaluation()}
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
+        return
     device = resolve_device(args.device)
     cfg, stages = preset_stages(args.preset)
     precision = cfg.train.precision if args.precision == "config" else args.precision

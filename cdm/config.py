@@ -20,6 +20,7 @@ import yaml
 from cdm.errors import UserError
 
 DATA_ROOT_ENV = "CDM_DATA_ROOT"  # environment variable that overrides data.root
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "image_folder")
 
 
 class ConfigError(UserError):
@@ -28,9 +29,13 @@ class ConfigError(UserError):
 
 @dataclass
 class DataConfig:
-    root: str = "data"  # MNIST folder (torchvision layout); $CDM_DATA_ROOT overrides it
-    download: bool = True  # fetch MNIST into `root` when it is missing
-    channels: int = 1  # 1 for MNIST; 3 repeats the grey channel (every module is channel-generic)
+    dataset: str = "mnist"  # mnist | fashion_mnist | cifar10 (torchvision) | image_folder
+    root: str = "data"  # torchvision sets: their folder ($CDM_DATA_ROOT overrides it); image_folder:
+    # the folder of images (sub-folders, if any, are the classes)
+    download: bool = True  # fetch a torchvision data set into `root` when it is missing
+    channels: int = 1  # 1 grey, 3 RGB (grey data is repeated, RGB data turned to luminance for 1)
+    max_resident_mb: float = 2048  # image_folder: larger sets stream from disk through workers
+    workers: int = 2  # DataLoader worker processes for a streamed image_folder
 
 
 @dataclass
@@ -144,7 +149,10 @@ class Config:
 
     def validate(self) -> "Config":
         """Cross-field checks; raises ConfigError naming the first bad key."""
+        _check(self.data.dataset in DATASETS, "data.dataset", ", ".join(DATASETS), self.data.dataset)
         _check(self.data.channels in (1, 3), "data.channels", "1 or 3", self.data.channels)
+        _check(self.data.max_resident_mb >= 0, "data.max_resident_mb", ">= 0", self.data.max_resident_mb)
+        _check(self.data.workers >= 0, "data.workers", ">= 0", self.data.workers)
         for name in ("base", "sr"):
             _validate_stage(getattr(self, name), name)
         base, sr = self.base, self.sr
@@ -182,6 +190,9 @@ class Config:
         g = self.guidance
         _check(g.classifier_scale >= 0, "guidance.classifier_scale", ">= 0", g.classifier_scale)
         _check(g.cfg_scale >= 0, "guidance.cfg_scale", ">= 0", g.cfg_scale)
+        _check(g.cfg_scale == 0 or self.base.model.label_dropout > 0, "guidance.cfg_scale",
+               "0 unless base.model.label_dropout > 0 (without it the null label is never learned)",
+               g.cfg_scale)
         t = self.train
         _check(t.steps > 0, "train.steps", "> 0", t.steps)
         for key in ("log_every", "save_every"):
@@ -200,7 +211,10 @@ class Config:
 
     @property
     def data_root(self) -> str:
-        """data.root, unless the CDM_DATA_ROOT environment variable is set."""
+        """data.root, unless the CDM_DATA_ROOT environment variable is set (it names where the
+        torchvision data sets live, so it never replaces an image_folder's path)."""
+        if self.data.dataset == "image_folder":
+            return self.data.root
         return os.environ.get(DATA_ROOT_ENV) or self.data.root
 
     @property

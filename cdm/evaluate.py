@@ -1,22 +1,31 @@
 """Score cascade checkpoints (and any .npz of samples) like a paper: `python -m cdm.evaluate`.
 
-    python -m cdm.evaluate --checkpoint output/cdm_mnist_cpu/checkpoint.pt --npz ../shared/anchors/*.npz
+    python -m cdm.evaluate --checkpoint output/pretrained/cdm_mnist_cpu_15min.pt --npz ANCHORS/*.npz
+    python -m cdm.evaluate --checkpoint CKPT --num-samples 10000 --seeds 0,1,2
     python -m cdm.evaluate --checkpoint CKPT --aug-level 0,25,50,100,200 \
         --aug-mode truncated,non_truncated --plot --out output/eval_aug      # a sweep: one loop
     python -m cdm.evaluate --checkpoint CKPT --base-steps 10,25,50 --sr-steps 2,5,10
-    python -m cdm.evaluate --checkpoint CKPT --base-sampler ddpm --base-steps 1000
-    python -m cdm.evaluate --checkpoint COND_CKPT --cfg-scale 0,1,3 \
-        --guidance-scale 0,1,3,10 --noisy-classifier COND_CKPT        # guidance study
+    python -m cdm.evaluate --checkpoint COND_CKPT --cfg-scale 0,1,3 --guidance-scale 0,1,3,10
 
-Sample table: every set is scored against the MNIST test split (10,000 digits) with the
-classifier's features: FD (with its N), precision, recall, class KL from uniform, share of the
-most frequent class, confidence, for cascades the consistency MSE(downsample(x), base output)
-and the sampling time, and when classes were requested (a conditional model, or an .npz with
-`labels`) label_acc: how often the evaluation classifier reads the requested digit. SR table
-(SR3 style): each SR stage given the true 8x8 test digits, against bicubic upsampling: PSNR,
-SSIM, consistency, and how often the classifier still reads the true digit. Writes results.md,
-results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with --plot,
-fd_vs_aug_level.png to --out.
+Every set of samples is scored in two feature spaces, those of the two evaluation networks of
+cdm.classifier (cnn32, the primary one, and resnet28), against the 10,000 MNIST test digits:
+FD (with its N), precision, recall, class KL from uniform, share of the most frequent class,
+and when classes were requested (a conditional model, or an .npz with `labels`) label_acc: how
+often the evaluation network reads the requested digit. Cascades also get the consistency
+MSE(downsample(x), base output) and the sampling time.
+
+Spread: a checkpoint is sampled once per --seeds seed (default 3) and each number is the mean
+± the standard deviation over seeds; an .npz holds one fixed set, so its spread is the standard
+deviation over --bootstrap resamples with replacement (recall keeps each sample's k-NN radius
+from the full set). The floor: for every N in the table, --floor-draws disjoint sets of N real
+MNIST *training* digits scored exactly like samples (same reference, same code), mean ± std. A
+row is "at the floor" in a space when its FD is within one floor standard deviation of the
+floor's mean.
+
+SR table (SR3 style): each SR stage given the true 8x8 test digits, against bicubic upsampling:
+PSNR, SSIM, consistency, and how often each evaluation network still reads the true digit.
+Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with
+--plot, fd_vs_aug_level.png to --out.
 """
 from __future__ import annotations
 
@@ -25,18 +34,21 @@ import itertools
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.utils import save_image
+from tqdm import tqdm
 
 from cdm import metrics
 from cdm.augment import sr_cond
 from cdm.cascade import Stage, load_cascade, sample_cascade, with_sampler
-from cdm.classifier import DEFAULT_PATH, load_classifier
+from cdm.classifier import DEFAULT_PATHS, load_classifier
 from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS
-from cdm.data import downsample, load_mnist, to_model_range, to_unit_range
+from cdm.data import downsample, to_model_range, to_unit_range
+from cdm.datasets import load_mnist
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale_list
 from cdm.grids import nearest_up
 from cdm.guidance import Guidance
@@ -63,64 +75,167 @@ def load_npz_labels(path: str | Path) -> torch.Tensor | None:
         return torch.from_numpy(data["labels"]).long() if "labels" in data else None
 
 
-def score_samples(classifier, real_feats: torch.Tensor, images: torch.Tensor,
-                  labels: torch.Tensor | None = None) -> dict:
-    """FD, precision, recall and class statistics of images (N, C, 32, 32) vs the real features;
-    with the requested labels (N,), also the share the classifier reads as requested."""
-    feats, probs = classifier_outputs_grey(classifier, images)
-    precision, recall = metrics.precision_recall(real_feats.float(), feats.float())
-    row = {"n": len(images), "fd": metrics.frechet_distance(feats, real_feats),
-           "precision": precision, "recall": recall, **metrics.class_statistics(probs)}
-    if labels is not None:
-        row["label_acc"] = (probs.argmax(1).cpu() == labels.cpu()).float().mean().item()
+@dataclass
+class FeatureSpace:
+    """One evaluation network and, in its feature space, the reference set: the features of the
+    10,000 MNIST test digits and their k-NN radii (computed once, used by every row)."""
+
+    name: str
+    net: torch.nn.Module
+    real: torch.Tensor  # (M, D) float64
+    real_radii: torch.Tensor  # (M,)
+
+    @classmethod
+    def build(cls, name: str, path: str | os.PathLike, reference: torch.Tensor) -> "FeatureSpace":
+        net = load_classifier(path)
+        real = metrics.classifier_outputs(net, reference)[0]
+        return cls(name, net, real, metrics.kth_neighbour_radius(real.float()))
+
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D), probabilities (N, 10)); RGB samples are averaged to grey first."""
+        return metrics.classifier_outputs(self.net, images.float().mean(dim=1, keepdim=True))
+
+
+def score(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.Tensor | None = None,
+          bootstrap: int = 0, seed: int = 0) -> dict:
+    """Images (N, C, 32, 32) in every feature space: {"fd_cnn32": ..., "recall_resnet28": ...};
+    label_acc_* when labels (N,) are given. bootstrap > 0 adds the *_std of that many resamples."""
+    row = {"n": len(images)}
+    for space in spaces:
+        feats, probs = space.outputs(images)
+        in_real = metrics.inside_balls(feats.float(), space.real.float(), space.real_radii)  # (N,)
+        fake_radii = metrics.kth_neighbour_radius(feats.float())
+        covered = metrics.inside_balls(space.real.float(), feats.float(), fake_radii).float().mean().item()
+        values = {"fd": metrics.frechet_distance(feats, space.real), "precision": in_real.float().mean().item(),
+                  "recall": covered, **class_numbers(probs, labels)}
+        row.update({f"{k}_{space.name}": v for k, v in values.items()})
+        if bootstrap:
+            row.update(bootstrap_std(space, feats, probs, labels, in_real, fake_radii, bootstrap, seed))
     return row
 
 
-def classifier_outputs_grey(classifier, images: torch.Tensor):
-    """The classifier reads one channel: average RGB samples to grey first."""
-    return metrics.classifier_outputs(classifier, images.float().mean(dim=1, keepdim=True))
+def class_numbers(probs: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """class_kl, max_class and (with labels) label_acc of class probabilities (N, 10)."""
+    stats = metrics.class_statistics(probs)
+    out = {"class_kl": stats["class_kl"], "max_class": max(stats["class_hist"])}
+    if labels is not None:
+        out["label_acc"] = (probs.argmax(1).cpu() == labels.cpu()).float().mean().item()
+    return out
+
+
+def bootstrap_std(space: FeatureSpace, feats: torch.Tensor, probs: torch.Tensor,
+                  labels: torch.Tensor | None, in_real: torch.Tensor, fake_radii: torch.Tensor,
+                  draws: int, seed: int) -> dict:
+    """Standard deviations over `draws` resamples (with replacement) of one fixed sample set.
+    Precision and the class numbers are means over samples; recall asks which real points the
+    resampled samples' balls (radii from the full set) cover."""
+    n = len(feats)
+    generator = torch.Generator().manual_seed(seed)
+    cover = torch.cat([torch.cdist(space.real[i:i + 1000].float(), feats.float()) <= fake_radii[None]
+                       for i in range(0, len(space.real), 1000)])  # (M, N) bool
+    values: dict[str, list[float]] = {}
+    for _ in range(draws):
+        idx = torch.randint(0, n, (n,), generator=generator)
+        draw = {"fd": metrics.frechet_distance(feats[idx], space.real),
+                "precision": in_real[idx].float().mean().item(),
+                "recall": cover[:, idx.unique()].any(dim=1).float().mean().item(),
+                **class_numbers(probs[idx], labels[idx] if labels is not None else None)}
+        for k, v in draw.items():
+            values.setdefault(k, []).append(v)
+    return {f"{k}_{space.name}_std": float(np.std(v, ddof=1)) for k, v in values.items()}
+
+
+def mean_std(rows: list[dict]) -> dict:
+    """The mean of every number the rows share and, over two or more rows, its std (ddof 1)."""
+    out = {}
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in rows]
+            out[key] = float(np.mean(values)) if isinstance(value, float) else value
+            if len(rows) > 1 and isinstance(value, float):
+                out[f"{key}_std"] = float(np.std(values, ddof=1))
+    return out
+
+
+def floor_rows(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.Tensor,
+               sizes: list[int], draws: int, seed: int = 0) -> list[dict]:
+    """The real-data floor at each N: `draws` disjoint sets of N training digits, each scored
+    exactly like a set of samples, mean ± std over the sets."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for n in sizes:
+        if n * draws > len(images):
+            raise UserError(f"--floor-draws {draws}: {draws} disjoint sets of N = {n} need "
+                            f"{n * draws} training digits, there are {len(images)}")
+        sets = [order[i * n:(i + 1) * n] for i in range(draws)]
+        scored = [score(spaces, images[idx], labels[idx]) for idx in tqdm(sets, desc=f"floor N={n}", leave=False)]
+        rows.append({"samples": f"real MNIST training digits (the floor; {draws} disjoint sets)",
+                     "spread": f"{draws} sets", **mean_std(scored)})
+    return rows
+
+
+def at_floor(row: dict, floors: dict[int, dict], spaces: list[FeatureSpace]) -> str:
+    """The spaces in which the row's FD is within one floor std of the floor at its N."""
+    floor = floors.get(row["n"])
+    if floor is None or row.get("floor"):
+        return ""
+    names = [s.name for s in spaces
+             if row[f"fd_{s.name}"] <= floor[f"fd_{s.name}"] + floor[f"fd_{s.name}_std"]]
+    return ", ".join(names) or "no"
 
 
 @torch.inference_mode()
-def sr_report(sr: Stage, hr: torch.Tensor, labels: torch.Tensor, base_size: int, classifier,
-              generator: torch.Generator, bf16: bool, grid_path: Path) -> list[dict]:
-    """The SR stage given true low-res digits (aug_level 0) against bicubic upsampling."""
+def sr_report(sr: Stage, hr: torch.Tensor, labels: torch.Tensor, base_size: int,
+              spaces: list[FeatureSpace], generator: torch.Generator, bf16: bool,
+              grid_path: Path | None) -> list[dict]:
+    """The SR stage given true low-res digits (aug_level 0) against bicubic upsampling; a
+    class-conditional SR stage is given the digits' true labels."""
     device = next(sr.model.parameters()).device
     hr = hr.cpu()
     lr = downsample(hr, base_size)  # (N, C, 8, 8)
     outs = []
     for i in range(0, len(hr), 500):
         batch = lr[i:i + 500].to(device)
+        y = labels[i:i + 500].to(device) if sr.model.num_classes else None
         noise = torch.randn(hr[i:i + 500].shape, generator=generator, device=device)
-        cond = sr_cond(batch, torch.zeros(len(batch), dtype=torch.long, device=device))
+        cond = sr_cond(batch, torch.zeros(len(batch), dtype=torch.long, device=device), y)
         with autocast(device, bf16):
             outs.append(sr.diffusion.sample(sr.model, noise, cond, sr.sampler, generator=generator).float().cpu())
     sr_out = torch.cat(outs)  # (N, C, 32, 32)
     bicubic = upsample_low_res(lr, hr.shape[-1], "bicubic").clamp(-1, 1)
     rows = []
     for name, pred in (("bicubic", bicubic), ("SR stage", sr_out)):
-        probs = classifier_outputs_grey(classifier, pred)[1]
-        rows.append({"method": name, "n": len(hr), "psnr": metrics.psnr(pred, hr).mean().item(),
-                     "ssim": metrics.ssim(pred, hr).mean().item(),
-                     "consistency": metrics.consistency(pred, lr).mean().item(),
-                     "digit_kept": (probs.argmax(1) == labels).float().mean().item()})
-    k = 8
-    grid = torch.stack([hr[:k], nearest_up(lr[:k], hr.shape[-1]), bicubic[:k], sr_out[:k]])  # (4, k, C, H, W)
-    save_image(to_unit_range(grid.flatten(0, 1)), grid_path, nrow=k, padding=2, pad_value=0.5)
+        row = {"method": name, "n": len(hr), "psnr": metrics.psnr(pred, hr).mean().item(),
+               "ssim": metrics.ssim(pred, hr).mean().item(),
+               "consistency": metrics.consistency(pred, lr).mean().item()}
+        for space in spaces:
+            probs = space.outputs(pred)[1]
+            row[f"digit_kept_{space.name}"] = (probs.argmax(1) == labels.cpu()).float().mean().item()
+        rows.append(row)
+    if grid_path is not None:
+        k = 8
+        grid = torch.stack([hr[:k], nearest_up(lr[:k], hr.shape[-1]), bicubic[:k], sr_out[:k]])  # (4, k, C, H, W)
+        save_image(to_unit_range(grid.flatten(0, 1)), grid_path, nrow=k, padding=2, pad_value=0.5)
     return rows
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    """Rows as a markdown table; a number with a `<key>_std` beside it shows as mean ± std."""
+    def cell(r: dict, c: str) -> str:
+        v = r.get(c, "")
+        if not isinstance(v, float):
+            return str(v)
+        std = r.get(f"{c}_std")
+        return f"{v:.3g} ± {std:.2g}" if std is not None else f"{v:.3g}"
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def plot_fd_vs_level(rows: list[dict], path: Path) -> Path | None:
-    """FD against aug_level, one line per (checkpoint, mode); needs matplotlib (optional)."""
+def plot_fd_vs_level(rows: list[dict], fd_key: str, path: Path) -> Path | None:
+    """FD (in the space of `fd_key`) against aug_level, one line per (checkpoint, mode); needs
+    matplotlib (optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -131,17 +246,24 @@ def plot_fd_vs_level(rows: list[dict], path: Path) -> Path | None:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         if "aug_level" in r:
-            series.setdefault(f"{r['run']} {r['aug_mode']}", []).append((r["aug_level"], r["fd"]))
+            series.setdefault(f"{r['run']} {r['aug_mode']}", []).append((r["aug_level"], r[fd_key]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xlabel("aug_level s at sampling")
-    ax.set_ylabel("classifier-feature FD (lower is better)")
+    ax.set_ylabel(f"{fd_key} (lower is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def columns(spaces: list[FeatureSpace]) -> list[str]:
+    per_space = [f"{m}_{s.name}" for s in spaces for m in ("fd", "precision", "recall")]
+    return ["samples", "n", "spread", *per_space, f"class_kl_{spaces[0].name}",
+            f"max_class_{spaces[0].name}", *[f"label_acc_{s.name}" for s in spaces], "at_floor",
+            "consistency", "sample_s"]
 
 
 def main() -> None:
@@ -149,6 +271,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", nargs="*", default=[], help="cascade checkpoints to sample and score")
     parser.add_argument("--npz", nargs="*", default=[], help="sample files (uint8 images N,H,W,C) to score beside them")
     parser.add_argument("--num-samples", type=int, default=1000, help="1000 quick, 10000 standard")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2],
+                        help="sampling seeds of each checkpoint row: its spread (default 0,1,2)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="resamples for an .npz file's spread")
+    parser.add_argument("--floor-draws", type=int, default=5, help="disjoint sets of real digits per floor")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--aug-level", type=int_list, help="one or more levels, e.g. 0,25,50 (default: config)")
     parser.add_argument("--aug-mode", help="truncated, non_truncated or both comma-separated (default: config)")
@@ -159,12 +285,14 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=scale_list, help="classifier-free guidance weights, "
                         "e.g. 0,1,3 (default: config; needs a conditional checkpoint)")
     parser.add_argument("--guidance-scale", type=scale_list, help="classifier guidance scales, e.g. "
-                        "0,1,3,10 (default: config; needs --noisy-classifier)")
+                        "0,1,3,10 (default: config; needs a noisy classifier)")
     parser.add_argument("--noisy-classifier", help="checkpoint holding the noisy classifier for "
-                        "classifier guidance (not the evaluation classifier, --classifier)")
+                        "classifier guidance (not the evaluation networks, --classifier)")
+    parser.add_argument("--no-guidance", action="store_true",
+                        help="sample without any guidance (overrides the defaults above)")
     parser.add_argument("--sr-digits", type=int, default=1000, help="test digits for the SR table (0: skip)")
-    parser.add_argument("--classifier", default=str(DEFAULT_PATH))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier", nargs="+", default=[str(p) for p in DEFAULT_PATHS.values()],
+                        help="evaluation networks, one feature space each; the first is primary")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--plot", action="store_true", help="also plot FD against aug_level")
     parser.add_argument("--out", default="output/eval")
@@ -175,82 +303,110 @@ def main() -> None:
     for mode in modes:
         if mode is not None and mode not in AUG_MODES:
             raise UserError(f"--aug-mode {mode!r}: expected {' or '.join(AUG_MODES)}")
+    for key in ("num_samples", "floor_draws"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a positive number")
+    if args.no_guidance and (args.cfg_scale or args.guidance_scale or args.noisy_classifier):
+        raise UserError("--no-guidance samples unguided: drop --cfg-scale, --guidance-scale and "
+                        "--noisy-classifier, or drop --no-guidance")
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    classifier = load_classifier(args.classifier)
     root = os.environ.get(DATA_ROOT_ENV, "data")
     test_images, test_labels = load_mnist(root, True, 32, 1, train=False)
-    real_feats = metrics.classifier_outputs(classifier, test_images)[0]
-    half = len(test_images) // 2
-    rows = [{"samples": f"MNIST test (first {half} vs last {half})",
-             **score_samples(classifier, real_feats[half:], test_images[:half])}]
-    for path in args.npz:
-        rows.append({"samples": Path(path).name, **score_samples(classifier, real_feats, load_npz_images(path),
-                                                                 load_npz_labels(path))})
-
+    names = [Path(p).stem.removeprefix("mnist_") for p in args.classifier]
+    if len(set(names)) < len(names):
+        raise UserError(f"--classifier: two evaluation networks share the name {names}; rename one file")
+    spaces = [FeatureSpace.build(name, path, test_images)
+              for name, path in tqdm(list(zip(names, args.classifier)), desc="feature spaces", leave=False)]
+    rows = [{"samples": Path(path).name, "spread": f"bootstrap {args.bootstrap}",
+             **score(spaces, load_npz_images(path), load_npz_labels(path), args.bootstrap)}
+            for path in tqdm(args.npz, desc="sample files", leave=False)]
     sr_rows = []
     device = resolve_device(args.device) if args.checkpoint else None
     if args.guidance_scale and not args.noisy_classifier:
         raise UserError("--guidance-scale needs --noisy-classifier PATH")
-    guide_classifier, guide_cfg = (load_noisy_classifier(args.noisy_classifier, device)
-                                   if args.noisy_classifier else (None, None))
+    noisy = load_noisy_classifier(args.noisy_classifier, device) if args.noisy_classifier else None
     for path in args.checkpoint:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
         run = f"{Path(path).parent.name}/{Path(path).name}"
-        if guide_classifier is not None:
-            check_fits(guide_cfg, cfg, args.noisy_classifier)
-        if args.cfg_scale and not stages["base"].model.num_classes:
-            raise UserError(f"--cfg-scale: '{path}' is not class-conditional")
+        bad = [s for s in args.aug_level or [] if not 0 <= s <= cfg.augment.max_level]
+        if bad:
+            raise UserError(f"--aug-level {bad[0]}: the SR stage of '{path}' was trained on levels "
+                            f"0..{cfg.augment.max_level}; choose levels in that range")
+        guidance = label_guidance(args, cfg, path, stages["base"].model.num_classes, noisy)
         for level, mode, base_steps, sr_steps, cfg_scale, scale in itertools.product(
                 args.aug_level or [cfg.augment.aug_level], modes, args.base_steps or [None],
-                args.sr_steps or [None], args.cfg_scale or [cfg.guidance.cfg_scale],
-                args.guidance_scale or [cfg.guidance.classifier_scale if guide_classifier else 0.0]):
+                args.sr_steps or [None], args.cfg_scale or [guidance.cfg_scale],
+                args.guidance_scale or [guidance.classifier_scale]):
             mode = mode or cfg.augment.aug_mode
-            guidance = Guidance(cfg_scale, guide_classifier, scale)
             base = with_sampler(stages["base"], steps=base_steps, name=args.base_sampler)
             sr = with_sampler(stages["sr"], steps=sr_steps, name=args.sr_sampler)
-            generator = torch.Generator(device).manual_seed(args.seed)
-            start = time.perf_counter()
-            samples = sample_cascade(base, sr, args.num_samples, level, mode, generator=generator,
-                                     batch_size=args.batch_size, bf16=bf16, progress=True,
-                                     guidance=guidance)
-            seconds = time.perf_counter() - start
-            images = samples.images.cpu()
+            scored = []
+            for seed in tqdm(args.seeds, desc=f"{run} seeds", leave=False):
+                start = time.perf_counter()
+                samples = sample_cascade(base, sr, args.num_samples, level, mode,
+                                         generator=torch.Generator(device).manual_seed(seed),
+                                         batch_size=args.batch_size, bf16=bf16, progress=True,
+                                         guidance=Guidance(cfg_scale, guidance.classifier, scale))
+                seconds = time.perf_counter() - start
+                images = samples.images.cpu()
+                scored.append({**score(spaces, images, samples.labels), "sample_s": seconds,
+                               "consistency": metrics.consistency(images, samples.base.cpu()).mean().item()})
             guided = f", cfg {cfg_scale:g}" * bool(base.model.num_classes) + f", cg {scale:g}" * bool(scale)
             rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, "
                                     f"{base.sampler.name}-{base.sampler.steps}/{sr.sampler.name}-{sr.sampler.steps}"
                                     f"{guided})",
                          "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,
-                         "guidance_scale": scale, "sample_s": seconds,
-                         **score_samples(classifier, real_feats, images, samples.labels),
-                         "consistency": metrics.consistency(images, samples.base.cpu()).mean().item()})
-            print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+                         "guidance_scale": scale, "spread": f"{len(args.seeds)} seeds", **mean_std(scored)})
+            print(markdown_table(rows[-1:], columns(spaces)).splitlines()[-1], flush=True)
         if args.sr_digits:
-            generator = torch.Generator(device).manual_seed(args.seed)
-            for row in sr_report(stages["sr"], test_images[:args.sr_digits].to(device),
-                                 test_labels[:args.sr_digits], cfg.base.image_size, classifier,
-                                 generator, bf16, out_dir / f"sr_grid_{Path(path).parent.name}.png"):
-                sr_rows.append({"run": run, **row})
+            runs = [sr_report(stages["sr"], test_images[:args.sr_digits].to(device),
+                              test_labels[:args.sr_digits], cfg.base.image_size, spaces,
+                              torch.Generator(device).manual_seed(seed), bf16,
+                              out_dir / f"sr_grid_{Path(path).parent.name}.png" if seed == args.seeds[0] else None)
+                    for seed in args.seeds]
+            for method_rows in zip(*runs):
+                sr_rows.append({"run": run, "method": method_rows[0]["method"], **mean_std(list(method_rows))})
+    floors = floor_rows(spaces, *load_mnist(root, True, 32, 1), sorted({r["n"] for r in rows}),
+                        args.floor_draws)
+    by_n = {r["n"]: r for r in floors}
     for r in rows:
-        r["max_class"] = max(r["class_hist"])
-    text = ("Sample quality (classifier-feature FD against the 10,000 MNIST test digits, lower is "
-            "better; consistency = MSE(downsample(final), base output)):\n\n" + markdown_table(rows, COLUMNS))
+        r["at_floor"] = at_floor(r, by_n, spaces)
+    rows = [{**r, "floor": True} for r in floors] + rows
+    text = (f"Sample quality in {len(spaces)} feature spaces ({', '.join(names)}; the first is "
+            f"primary): FD, precision and recall against the 10,000 MNIST test digits (lower FD is "
+            f"better), mean ± std over seeds (checkpoints) or bootstrap resamples (files); "
+            f"at_floor = the spaces in which FD is within one std of the real-data floor at the "
+            f"same N; consistency = MSE(downsample(final), base output):\n\n"
+            + markdown_table(rows, columns(spaces)))
     if sr_rows:
-        text += "\n\nSuper-resolution on true 8x8 test digits (aug_level 0):\n\n" + markdown_table(
-            sr_rows, ["run", "method", "n", "psnr", "ssim", "consistency", "digit_kept"])
+        text += "\n\nSuper-resolution on true 8x8 test digits (aug_level 0), mean ± std over seeds:\n\n" + \
+            markdown_table(sr_rows, ["run", "method", "n", "psnr", "ssim", "consistency",
+                                     *[f"digit_kept_{s.name}" for s in spaces]])
     print(text)
     (out_dir / "results.md").write_text(text + "\n")
     (out_dir / "results.json").write_text(json.dumps({"samples": rows, "super_resolution": sr_rows}, indent=1))
     written = [out_dir / "results.md", out_dir / "results.json"]
     if args.plot:
-        written.append(plot_fd_vs_level(rows, out_dir / "fd_vs_aug_level.png"))
+        written.append(plot_fd_vs_level(rows, f"fd_{names[0]}", out_dir / "fd_vs_aug_level.png"))
     print("wrote " + ", ".join(str(p) for p in written if p))
 
 
-COLUMNS = ["samples", "n", "fd", "precision", "recall", "class_kl", "max_class", "confidence",
-           "label_acc", "consistency", "sample_s"]
+def label_guidance(args, cfg, path: str, base_classes: int, noisy: tuple | None) -> Guidance:
+    """The guidance a checkpoint's rows sample with (before the --cfg-scale/--guidance-scale
+    sweeps): none with --no-guidance, else the config's guidance section, with the noisy
+    classifier of --noisy-classifier (loaded once, `noisy`: (classifier, its config))."""
+    if any(args.cfg_scale or []) and not (base_classes and cfg.base.model.label_dropout):
+        raise UserError(f"--cfg-scale: '{path}' is not class-conditional with label dropout "
+                        f"(base.model.label_dropout > 0), so it has no null label to guide with")
+    if args.no_guidance:
+        return Guidance()
+    if noisy is None:
+        return Guidance(cfg.guidance.cfg_scale)
+    check_fits(noisy[1], cfg, args.noisy_classifier)
+    return Guidance(cfg.guidance.cfg_scale, noisy[0], cfg.guidance.classifier_scale)
 
 
 if __name__ == "__main__":

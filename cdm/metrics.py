@@ -1,6 +1,7 @@
 """Metrics for samples and for super-resolution.
 
-Sample quality uses the features of the project's own MNIST classifier (cdm.classifier):
+Sample quality uses the features of the project's evaluation networks (cdm.classifier), one
+feature space each:
   * classifier-feature Fréchet distance (FD, the FID formula on these features: not Inception
     FID, and biased upwards at small N, so always report N beside it);
   * precision and recall on k-NN feature manifolds (Kynkäänniemi et al. 2019);
@@ -17,12 +18,13 @@ from cdm.data import downsample
 
 
 @torch.inference_mode()
-def classifier_outputs(model, images: torch.Tensor, batch_size: int = 1000
+def classifier_outputs(model, images: torch.Tensor, batch_size: int = 250
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float64, class probabilities (N, 10)) for images (N, C, 32, 32) in [-1, 1]."""
+    """(features (N, D) float64, class probabilities (N, 10)) for images (N, C, 32, 32) in [-1, 1];
+    in channels-last batches of 250, the fastest layout and size for these CNNs on a CPU."""
     feats, probs = [], []
     for i in range(0, len(images), batch_size):
-        f = model.features(images[i:i + batch_size].float())
+        f = model.features(images[i:i + batch_size].float().contiguous(memory_format=torch.channels_last))
         feats.append(f.double())
         probs.append(model.head(f).softmax(dim=1))
     return torch.cat(feats), torch.cat(probs)
@@ -38,7 +40,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
-def _kth_neighbour_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+def kth_neighbour_radius(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     """Distance from each row of x to its k-th nearest other row, (N,)."""
     radii = []
     for i in range(0, len(x), 1000):
@@ -47,20 +49,24 @@ def _kth_neighbour_radius(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
-    """Fraction of points inside at least one ball (centre, radius)."""
+def inside_balls(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """For each point, whether it lies inside at least one ball (centre, radius), (N,) bool."""
     inside = []
     for i in range(0, len(points), 1000):
         d = torch.cdist(points[i:i + 1000], centres)  # (b, M)
         inside.append((d <= radii[None]).any(dim=1))
-    return torch.cat(inside).float().mean().item()
+    return torch.cat(inside)
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): precision = share of fake
-    samples inside the real manifold (union of k-NN balls), recall = the converse."""
-    precision = _coverage(fake, real, _kth_neighbour_radius(real, k))
-    recall = _coverage(real, fake, _kth_neighbour_radius(fake, k))
+    samples inside the real manifold (union of k-NN balls), recall = the converse. real_radii:
+    the real set's k-NN radii, when already computed (they depend on the real set alone)."""
+    if real_radii is None:
+        real_radii = kth_neighbour_radius(real, k)
+    precision = inside_balls(fake, real, real_radii).float().mean().item()
+    recall = inside_balls(real, fake, kth_neighbour_radius(fake, k)).float().mean().item()
     return precision, recall
 
 

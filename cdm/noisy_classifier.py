@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from cdm.checkpoint import CLASSIFIER, checkpoint_config, load_checkpoint, load_state, stage_weights
 from cdm.config import Config, StageConfig, load_config
-from cdm.data import downsample, load_mnist
+from cdm.data import downsample
+from cdm.datasets import load_mnist
 from cdm.diffusion import GaussianDiffusion
 from cdm.errors import ArgumentParser, UserError, run_cli
 from cdm.unet import Encoder

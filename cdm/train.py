@@ -32,7 +32,8 @@ from cdm.cascade import Stage, build_stage, sample_cascade
 from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, STAGES, checkpoint_config, load_checkpoint,
                             load_state, save_checkpoint, stage_weights)
 from cdm.config import Config, StageConfig
-from cdm.data import downsample, load_mnist
+from cdm.data import downsample
+from cdm.datasets import load_data
 from cdm.distributed import DistInfo, any_rank, gather, setup, teardown
 from cdm.diffusion import GaussianDiffusion, gaussian_noise
 from cdm.errors import UserError
@@ -366,9 +367,11 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
         torch.backends.cudnn.allow_tf32 = True
 
     # --- data (this rank's slice), models, optimizers, optional resume
-    images, labels = load_mnist(cfg.data_root, cfg.data.download, cfg.sr.image_size,
-                                cfg.data.channels, device=device)
-    images, labels = images[info.rank::info.world_size], labels[info.rank::info.world_size]
+    data = load_data(cfg.data.dataset, cfg.data_root, cfg.data.download, cfg.sr.image_size,
+                     cfg.data.channels, device=device, max_resident_mb=cfg.data.max_resident_mb,
+                     workers=cfg.data.workers)
+    if info.enabled:
+        data = data.shard(info.rank, info.world_size)
     base_device, sr_device = split_devices(device, info) if cfg.train.split_stages else (device, device)
     devices = {"base": base_device, "sr": sr_device, CLASSIFIER: base_device}
     stages = {name: make_stage(cfg, name, devices[name], compile_model, cfg.train.channels_last,
@@ -403,9 +406,9 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     with StopRequest() as stop, log_path.open("a") as log_file:
         try:
             while step < cfg.train.steps:
-                idx = torch.randint(0, images.shape[0], (batch,), generator=generator, device=device)
-                hr = images[idx].contiguous(memory_format=memory_format)  # (B, C, 32, 32)
-                for name, stats in run_step(stages, cfg, hr, labels[idx], step, bf16, generator).items():
+                hr, y = data.batch(batch, generator)  # (B, C, 32, 32), (B,)
+                hr = hr.contiguous(memory_format=memory_format)
+                for name, stats in run_step(stages, cfg, hr, y, step, bf16, generator).items():
                     meters[name].add(stats)
                 step += 1
                 window_steps += 1

@@ -26,6 +26,8 @@ def test_override_sets_a_key_with_its_type():
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.stepz=5"], "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+    (["data.dataset=svhn"], "config key 'data.dataset': expected mnist, fashion_mnist, cifar10, image_folder"),
+    (["data.workers=-1"], "config key 'data.workers': expected >= 0"),
     (["trian.steps=5"], "unknown config key 'trian' (did you mean 'train'?)"),
     (["train.steps=ten"], "config key 'train.steps': expected int, got 'ten'"),
     (["train.steps=1.5"], "config key 'train.steps': expected int"),

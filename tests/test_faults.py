@@ -11,7 +11,7 @@ import torch
 from cdm import cascade, train as train_module
 from cdm.cascade import load_cascade, sample_cascade
 from cdm.config import load_config
-from cdm.data import load_mnist
+from cdm.datasets import load_mnist
 from cdm.errors import UserError
 from cdm.train import train
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cdm.cascade import load_cascade, sample_cascade
-from cdm.checkpoint import CLASSIFIER, CheckpointError
+from cdm.checkpoint import CLASSIFIER, CheckpointError, export_ema
 from cdm.config import ConfigError, load_config
 from cdm.errors import UserError
 from cdm.diffusion import GaussianDiffusion
@@ -228,8 +228,8 @@ def test_sample_labels_repeat_to_fill(guided_run, tmp_path):
     (["--labels", "3,12"], "--labels: 12 is not a class of this model; expected digits in 0..9"),
     (["--labels", "-1"], "--labels: -1 is not a class"),
     (["--labels", "three"], "expected comma-separated integers"),
-    (["--guidance-scale", "3"], "--guidance-scale needs --classifier PATH"),
     (["--cfg-scale", "-2"], "argument --cfg-scale: expected a scale >= 0, got '-2'"),
+    (["--no-guidance", "--guidance-scale", "1"], "--no-guidance samples unguided: drop --classifier"),
 ])
 def test_sample_guidance_flags_fail_with_one_line(guided_run, flags, message):
     proc = run_script("sample.py", "--checkpoint", str(guided_run), "--device", "cpu", *flags, expect=2)
@@ -241,6 +241,7 @@ def test_unconditional_checkpoint_refuses_labels_and_cfg(tmp_path):
         f"out_dir={tmp_path}", "data.download=false", "train.steps=1", "train.sample_every=0"]),
         progress=False)
     for flags, message in ((["--labels", "3"], "--labels/--class-grid need a class-conditional"),
+                           (["--guidance-scale", "3"], "--guidance-scale needs --classifier PATH"),
                            (["--cfg-scale", "1"], "--cfg-scale needs a class-conditional checkpoint"),
                            (["--classifier", str(path)], "missing entries ['classifier']")):
         proc = run_script("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2)
@@ -265,3 +266,31 @@ def test_conditional_sr_stage_trains_with_label_dropout_and_samples_under_cfg(tm
                          generator=torch.Generator().manual_seed(0), guidance=Guidance(cfg_scale=2.0))
     assert out.images.shape == (3, 1, 32, 32) and torch.isfinite(out.images).all()
     assert torch.equal(out.labels, labels)
+
+
+def test_asked_labels_follow_the_checkpoints_stored_guidance_and_no_guidance_turns_it_off(guided_run, tmp_path):
+    """`--labels 3` alone samples with the stored guidance.cfg_scale (the published conditional
+    cascade stores the measured default), exactly as when it is given; --no-guidance is unguided."""
+    stored = export_ema(guided_run, tmp_path / "cfg2.pt", ["guidance.cfg_scale=2"])
+    runs = {"default": [], "explicit": ["--cfg-scale", "2"], "off": ["--no-guidance"],
+            "zero": ["--cfg-scale", "0"]}
+    images = {}
+    for name, flags in runs.items():
+        proc = run_script("sample.py", "--checkpoint", str(stored), "--labels", "3", "--num-samples",
+                          "4", "--out", str(tmp_path / name), "--device", "cpu", *flags)
+        images[name] = np.load(tmp_path / name / "samples.npz")["images"]
+        assert ("cfg_scale 0.0" in proc.stdout) == (name in ("off", "zero"))
+    assert np.array_equal(images["default"], images["explicit"])
+    assert np.array_equal(images["off"], images["zero"])
+    assert not np.array_equal(images["default"], images["off"])
+
+
+def test_cfg_and_the_null_label_need_label_dropout(tmp_path):
+    with pytest.raises(ConfigError, match="config key 'guidance.cfg_scale': expected 0 unless "
+                                          "base.model.label_dropout > 0"):
+        guided_cfg(tmp_path, "base.model.label_dropout=0", "guidance.cfg_scale=1")
+    path = train(guided_cfg(tmp_path, "base.model.label_dropout=0", "classifier=null", "train.steps=1",
+                            "train.sample_every=0"), progress=False)
+    for flags in (["--unconditional"], ["--cfg-scale", "2"]):
+        proc = run_script("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2)
+        assert_one_line_error(proc, "need a base trained with label dropout (base.model.label_dropout > 0)")
