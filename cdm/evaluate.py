@@ -103,14 +103,13 @@ def score(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.Tensor
     row = {"n": len(images)}
     for space in spaces:
         feats, probs = space.outputs(images)
-        in_real = metrics.inside_balls(feats.float(), space.real.float(), space.real_radii)  # (N,)
-        fake_radii = metrics.kth_neighbour_radius(feats.float())
-        covered = metrics.inside_balls(space.real.float(), feats.float(), fake_radii).float().mean().item()
-        values = {"fd": metrics.frechet_distance(feats, space.real), "precision": in_real.float().mean().item(),
-                  "recall": covered, **class_numbers(probs, labels)}
+        precision, recall = metrics.precision_recall(space.real.float(), feats.float(),
+                                                     real_radii=space.real_radii)
+        values = {"fd": metrics.frechet_distance(feats, space.real), "precision": precision,
+                  "recall": recall, **class_numbers(probs, labels)}
         row.update({f"{k}_{space.name}": v for k, v in values.items()})
         if bootstrap:
-            row.update(bootstrap_std(space, feats, probs, labels, in_real, fake_radii, bootstrap, seed))
+            row.update(bootstrap_std(space, feats, probs, labels, bootstrap, seed))
     return row
 
 
@@ -124,15 +123,17 @@ def class_numbers(probs: torch.Tensor, labels: torch.Tensor | None) -> dict:
 
 
 def bootstrap_std(space: FeatureSpace, feats: torch.Tensor, probs: torch.Tensor,
-                  labels: torch.Tensor | None, in_real: torch.Tensor, fake_radii: torch.Tensor,
-                  draws: int, seed: int) -> dict:
+                  labels: torch.Tensor | None, draws: int, seed: int) -> dict:
     """Standard deviations over `draws` resamples (with replacement) of one fixed sample set.
     Precision and the class numbers are means over samples; recall asks which real points the
     resampled samples' balls (radii from the full set) cover."""
     n = len(feats)
     generator = torch.Generator().manual_seed(seed)
-    cover = torch.cat([torch.cdist(space.real[i:i + 1000].float(), feats.float()) <= fake_radii[None]
-                       for i in range(0, len(space.real), 1000)])  # (M, N) bool
+    fake, real = feats.float(), space.real.float()
+    in_real = metrics.inside_balls(fake, real, space.real_radii)  # (N,) precision per sample
+    fake_radii = metrics.kth_neighbour_radius(fake)
+    cover = torch.cat([torch.cdist(real[i:i + 1000], fake) <= fake_radii[None]
+                       for i in range(0, len(real), 1000)])  # (M, N) bool
     values: dict[str, list[float]] = {}
     for _ in range(draws):
         idx = torch.randint(0, n, (n,), generator=generator)
