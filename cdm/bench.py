@@ -1,6 +1,7 @@
 """Benchmark: training and sampling speed of each stage (`python -m cdm.bench`). Never a test.
 
     python -m cdm.bench --preset cpu                      # the CPU config's two stages
+    python -m cdm.bench --preset cpu3                     # the 3-stage CPU config (8 -> 16 -> 32)
     python -m cdm.bench --preset anchor --compare-diffusers --precision fp32
     python -m cdm.bench --preset gpu --device cuda --json output/bench_gpu.json
     python -m cdm.bench --preset cpu --compile always     # torch.compile, compile time reported
@@ -29,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdm.augment import sr_cond
+from cdm.cascade import stage_name
 from cdm.config import Config, ModelConfig, StageConfig, load_config
 from cdm.diffusion import GaussianDiffusion
 from cdm.errors import ArgumentParser, UserError, run_cli
@@ -56,14 +58,18 @@ def preset_stages(preset: str) -> tuple[Config, dict[str, tuple[StageConfig, boo
         cfg = load_config(CONFIGS / "cdm_mnist.yaml")
     elif preset == "anchor":
         cfg = load_config(CONFIGS / "cdm_mnist_cpu.yaml")
-        anchor = replace(cfg.sr, model=ANCHOR, optim=replace(cfg.sr.optim, batch_size=64, crop_size=0))
+        top = cfg.stages[-1]
+        anchor = replace(top, model=ANCHOR, optim=replace(top.optim, batch_size=64, crop_size=0))
         return cfg, {"anchor32": (anchor, False)}
+    elif preset == "cpu3":
+        cfg = load_config(CONFIGS / "cdm_mnist_cpu_3stage.yaml")
     else:
-        raise UserError(f"--preset {preset!r}: expected cpu, gpu, lesson or anchor")
+        raise UserError(f"--preset {preset!r}: expected cpu, cpu3, gpu, lesson or anchor")
     if preset == "lesson":
-        cfg.base = replace(cfg.base, model=LESSON_BASE, optim=replace(cfg.base.optim, batch_size=128))
-        cfg.sr = replace(cfg.sr, model=LESSON_SR, optim=replace(cfg.sr.optim, batch_size=128))
-    return cfg, {"base": (cfg.base, False), "sr": (cfg.sr, True)}
+        base, sr = cfg.stages
+        cfg.stages = [replace(base, model=LESSON_BASE, optim=replace(base.optim, batch_size=128)),
+                      replace(sr, model=LESSON_SR, optim=replace(sr.optim, batch_size=128))]
+    return cfg, {stage_name(i): (stage, i > 0) for i, stage in enumerate(cfg.stages)}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -190,7 +196,7 @@ def bench_evaluation() -> dict:
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu", help="cpu | gpu | lesson | anchor | evaluation")
+    parser.add_argument("--preset", default="cpu", help="cpu | cpu3 | gpu | lesson | anchor | evaluation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=["config", "fp32", "bf16"], default="config")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per stage")
@@ -238,10 +244,10 @@ def main() -> None:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
         ours = rows[0]["images_per_s"]
         print(f"cdm / diffusers training images/s: {ours / rows[-1]['images_per_s']:.2f}x")
-    if len(stages) == 2:
-        pair_ms = sum(r["ms_per_step"] for r in rows[:2])
-        print(f"pair (both stages per batch): {pair_ms:.0f} ms/step, "
-              f"{max(r['batch'] for r in rows[:2]) / pair_ms * 1000:.0f} images/s")
+    if len(stages) > 1:
+        cascade_ms = sum(r["ms_per_step"] for r in rows[:len(stages)])
+        print(f"cascade (every stage per batch): {cascade_ms:.0f} ms/step, "
+              f"{max(r['batch'] for r in rows[:len(stages)]) / cascade_ms * 1000:.0f} images/s")
     result = {"preset": args.preset, "device": str(device), "precision": precision,
               "compile": compile_model,
               "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -2,15 +2,18 @@
 
 Layout (a plain dict of tensors, numbers and strings, loadable with weights_only=True):
   format_version  int, FORMAT_VERSION
-  config          Config.to_dict(): enough to rebuild both stages without other input
-  step            optimizer steps done
-  base, sr        {"model": state_dict, "ema": state_dict, "optimizer": state_dict}
-  classifier      the same for the noisy classifier, when the run trained one
+  config          Config.to_dict(): enough to rebuild every stage without other input
+  step            optimizer steps done by the run that wrote it
+  stages          {index: {"model": state_dict, "ema": state_dict, "optimizer": state_dict,
+                   "step": steps this stage trained}} for the stages the run trained (all, or
+                   train.stages); `combine` merges files that trained different stages
+  classifier      {"model", "ema", "optimizer"} of the noisy classifier, when the run trained one
   rng             {"torch": CPU RNG state, "cuda": [per-device states], "generator": the
                    training generator's state}
   metrics         {"skipped_steps": int, ...}
 Files are written atomically: to a temporary file in the same folder, fsynced, then renamed over
 the old one, so a crash or a full disk mid-write leaves the previous checkpoint intact.
+Format 1 files (two stages stored as `base` and `sr`) are converted when loaded.
 """
 from __future__ import annotations
 
@@ -22,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from cdm.config import Config, ConfigError, apply_override, config_from_dict
+from cdm.config import Config, ConfigError, apply_override, config_from_dict, upgrade_config_dict
 from cdm.errors import ArgumentParser, UserError, run_cli
 
-FORMAT_VERSION = 1
-STAGES = ("base", "sr")
+FORMAT_VERSION = 2
 CLASSIFIER = "classifier"  # the noisy classifier for guidance (cdm/noisy_classifier.py)
 
 
@@ -61,10 +63,11 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
-                    parts: tuple[str, ...] = STAGES) -> dict:
-    """Load and check a checkpoint that holds `parts` (default: both cascade stages); raises
-    CheckpointError with one line on any problem. Uses torch.load(weights_only=True): no code
-    from the file is run."""
+                    stages: list[int] | None = None, classifier: bool = False) -> dict:
+    """Load and check a checkpoint; raises CheckpointError with one line on any problem.
+    `stages`: the stage indices it must hold (default: every stage of its config); `classifier`:
+    it must hold a noisy classifier. Uses torch.load(weights_only=True): no code from the file
+    is run. A format 1 file is converted in memory."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}': no such file")
@@ -80,15 +83,36 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(f"checkpoint '{path}': not a cdm checkpoint (no format_version)")
     version = ckpt["format_version"]
-    if version != FORMAT_VERSION:
+    if version == 1:
+        ckpt = upgrade_v1(ckpt)
+    elif version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}': format version {version} is not supported "
-                              f"by this cdm (it reads version {FORMAT_VERSION}); "
-                              f"{'update cdm' if version > FORMAT_VERSION else 'retrain'}")
-    missing = [k for k in ("config", "step", *parts) if k not in ckpt]
+                              f"by this cdm (it reads versions 1 and {FORMAT_VERSION}); update cdm")
+    missing = [k for k in ("config", "step", "stages") if k not in ckpt]
     if missing:
-        hint = (" (only runs whose config has a classifier: section train one)"
-                if CLASSIFIER in missing else "")
-        raise CheckpointError(f"checkpoint '{path}': missing entries {missing}{hint}")
+        raise CheckpointError(f"checkpoint '{path}': missing entries {missing}")
+    if stages is None:
+        stages = list(range(len(ckpt["config"].get("stages", []))))
+    absent = [i for i in stages if i not in ckpt["stages"]]
+    if absent:
+        held = sorted(ckpt["stages"])
+        raise CheckpointError(f"checkpoint '{path}': holds stages {held}, not {absent} (it was "
+                              f"trained with --stages {','.join(map(str, held))}); combine it with "
+                              f"the other stages first: python -m cdm.checkpoint combine A.pt B.pt OUT.pt")
+    if classifier and CLASSIFIER not in ckpt:
+        raise CheckpointError(f"checkpoint '{path}': holds no noisy classifier (only runs whose "
+                              f"config has a classifier: section train one)")
+    return ckpt
+
+
+def upgrade_v1(ckpt: dict) -> dict:
+    """A format 1 checkpoint (entries `base` and `sr`, config keys base/sr/augment) in today's
+    layout: stages {0: base, 1: sr}, the config's `stages:` list."""
+    ckpt = dict(ckpt, format_version=FORMAT_VERSION)
+    ckpt["stages"] = {i: dict(ckpt.pop(name), step=ckpt.get("step", 0))
+                      for i, name in enumerate(("base", "sr")) if name in ckpt}
+    if isinstance(ckpt.get("config"), dict):
+        ckpt["config"] = upgrade_config_dict(ckpt["config"])
     return ckpt
 
 
@@ -111,19 +135,65 @@ def export_ema(src: str | os.PathLike, dst: str | os.PathLike, overrides: list[s
     for assignment in overrides:
         apply_override(config, assignment)
     out["config"] = config_from_dict(config).to_dict()
-    for name in (*STAGES, CLASSIFIER):
-        if name in ckpt:
-            out[name] = {"ema": {k: v.to(dtype) if v.is_floating_point() else v
-                                 for k, v in ckpt[name]["ema"].items()}}
+
+    def small(entry: dict) -> dict:
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in entry["ema"].items()}
+
+    out["stages"] = {i: {"ema": small(entry), "step": entry["step"]} for i, entry in ckpt["stages"].items()}
+    if CLASSIFIER in ckpt:
+        out[CLASSIFIER] = {"ema": small(ckpt[CLASSIFIER])}
     return save_checkpoint(out, dst)
 
 
-def stage_weights(ckpt: dict, name: str, key: str, path: str | os.PathLike) -> dict:
-    """ckpt[name][key] (key: model, ema or optimizer), or a CheckpointError saying it is absent."""
-    if key not in ckpt[name]:
-        raise CheckpointError(f"checkpoint '{path}': holds no {name} {key} state (an exported "
-                              f"file keeps only the EMA weights, for sampling)")
-    return ckpt[name][key]
+def combine(paths: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
+    """One cascade from files that trained different stages (train.stages / --stages): each
+    stage, and its part of the config, comes from the file that holds it; everything else
+    (data, guidance, train, the classifier, RNG state) from the first file. Refuses stages that
+    do not chain: a stage must have been trained on exactly the sizes, channels and schedule of
+    the stage before it that the combined cascade uses."""
+    ckpts = [load_checkpoint(p, stages=[]) for p in paths]
+    configs = [checkpoint_config(c, p) for c, p in zip(ckpts, paths)]
+    owner: dict[int, int] = {}  # stage index -> which file holds it
+    for k, ckpt in enumerate(ckpts):
+        for i in ckpt["stages"]:
+            if i in owner:
+                raise CheckpointError(f"combine: stage {i} is in both '{paths[owner[i]]}' and "
+                                      f"'{paths[k]}'; give each stage once")
+            owner[i] = k
+    count = len(configs[0].stages)
+    if sorted(owner) != list(range(count)):
+        missing = sorted(set(range(count)) - set(owner))
+        raise CheckpointError(f"combine: no file holds stage(s) {missing} of the {count}-stage cascade")
+    for k, cfg in enumerate(configs):
+        if len(cfg.stages) != count or cfg.data.channels != configs[0].data.channels:
+            raise CheckpointError(f"combine: '{paths[k]}' is a {len(cfg.stages)}-stage cascade with "
+                                  f"{cfg.data.channels} channel(s); '{paths[0]}' has {count} stages "
+                                  f"and {configs[0].data.channels}: they do not chain")
+    stages = [configs[owner[i]].stages[i] for i in range(count)]
+    for i in range(1, count):  # the SR stage i learned from its own config's stage i - 1
+        seen = configs[owner[i]].stages[i - 1]
+        if (seen.image_size, seen.diffusion) != (stages[i - 1].image_size, stages[i - 1].diffusion):
+            raise CheckpointError(f"combine: stage {i} in '{paths[owner[i]]}' was trained on "
+                                  f"{seen.image_size}x{seen.image_size} inputs noised with "
+                                  f"{seen.diffusion}, but stage {i - 1} in '{paths[owner[i - 1]]}' "
+                                  f"makes {stages[i - 1].image_size}x{stages[i - 1].image_size} "
+                                  f"with {stages[i - 1].diffusion}: they do not chain")
+    config = configs[0].to_dict()
+    config["stages"] = [configs[owner[i]].to_dict()["stages"][i] for i in range(count)]
+    config["train"]["stages"] = []
+    out = {k: v for k, v in ckpts[0].items() if k != "stages"}
+    out["config"] = config_from_dict(config).to_dict()
+    out["stages"] = {i: ckpts[owner[i]]["stages"][i] for i in range(count)}
+    out["step"] = max(int(c["step"]) for c in ckpts)
+    return save_checkpoint(out, dst)
+
+
+def stage_weights(ckpt: dict, index: int, key: str, path: str | os.PathLike) -> dict:
+    """ckpt["stages"][index][key] (model, ema or optimizer), or a CheckpointError if absent."""
+    if key not in ckpt["stages"][index]:
+        raise CheckpointError(f"checkpoint '{path}': holds no stage {index} {key} state (an "
+                              f"exported file keeps only the EMA weights, for sampling)")
+    return ckpt["stages"][index][key]
 
 
 def load_state(module: torch.nn.Module, state: dict, path: str | os.PathLike, what: str) -> None:
@@ -138,15 +208,27 @@ def load_state(module: torch.nn.Module, state: dict, path: str | os.PathLike, wh
 
 
 def main() -> None:
-    """python -m cdm.checkpoint SRC DST: export SRC's EMA weights (bf16) to DST."""
+    """python -m cdm.checkpoint export SRC DST | combine A B [...] DST."""
     parser = ArgumentParser(prog="python -m cdm.checkpoint",
-                            description="Export a checkpoint's EMA weights (bf16) for sampling.")
-    parser.add_argument("src")
-    parser.add_argument("dst")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a sampling default in the stored config, e.g. augment.aug_level=0")
+                            description="Export a checkpoint's EMA weights (bf16) for sampling, or "
+                                        "combine checkpoints that trained different stages.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="SRC DST: a small, sampling-only copy of SRC")
+    export.add_argument("src")
+    export.add_argument("dst")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a sampling default in the stored config, e.g. "
+                             "stages.1.augment.aug_level=0")
+    merge = commands.add_parser("combine", help="A B [...] DST: one cascade from files trained "
+                                                "with different --stages")
+    merge.add_argument("paths", nargs="+", metavar="PATH", help="the stage files, then DST")
     args = parser.parse_args()
-    path = export_ema(args.src, args.dst, args.overrides)
+    if args.command == "export":
+        path = export_ema(args.src, args.dst, args.overrides)
+    else:
+        if len(args.paths) < 3:
+            raise UserError("combine: give at least two stage checkpoints and the output path")
+        path = combine(args.paths[:-1], args.paths[-1])
     print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB)")
 
 

@@ -79,24 +79,30 @@ class SamplerConfig:
 
 
 @dataclass
-class StageConfig:
-    image_size: int = 8  # resolution this stage generates
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-
-
-@dataclass
 class AugmentConfig:
-    """Conditioning augmentation of the SR stage (CDM section 4). The noise uses the base
-    stage's schedule, so `aug_level` s is the base state after s forward steps (0 = clean)."""
+    """Conditioning augmentation of an SR stage's low-res input (CDM section 4). The noise uses
+    the *previous* stage's schedule, so `aug_level` s is that stage's state after s forward steps
+    (0 = clean), and a truncated chain can hand its state s - 1 over unchanged."""
 
     max_level: int = 200  # training draws s uniformly from [0, max_level]
     aug_level: int = 0  # s used at sampling time (sample.py --aug-level overrides)
     aug_mode: str = "truncated"  # truncated | non_truncated (sample.py --aug-mode overrides)
     blur_prob: float = 0.5  # fraction of training examples whose low-res input is blurred
     blur_sigma: list[float] = field(default_factory=lambda: [0.4, 0.6])  # blur sigma range (LR pixels)
+
+
+@dataclass
+class StageConfig:
+    """One stage of the cascade. stages[0] is the base (it generates from noise); every later
+    stage super-resolves the output of the one before it."""
+
+    image_size: int = 8  # resolution this stage generates
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: AugmentConfig | None = None  # SR stages: how their low-res input is corrupted
+    # (absent on an SR stage: the defaults; the base stage has no input and no section)
 
 
 @dataclass
@@ -118,6 +124,8 @@ class GuidanceConfig:
     classifier_scale: float = 3.0  # s of classifier guidance, used when a classifier is given
     # (README 9.6: on the unconditional CPU cascade s = 3 reads 98.9% as asked, with the best FD)
     cfg_scale: float = 0.0  # w of classifier-free guidance (needs a conditional, label-dropout model)
+    redraw: int = 0  # with a noisy classifier (the checkpoint's own, or sample.py --classifier):
+    # redraw base samples it reads as another class than asked, up to this many times
 
 
 @dataclass
@@ -130,7 +138,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"  # torch.compile the UNets: auto (on CUDA only) | always | never
     channels_last: bool = True  # NHWC memory format for the convolutions
-    split_stages: bool = False  # base on one GPU, SR on the next (2 GPUs per process)
+    split_stages: bool = False  # each stage on its own GPU (len(stages) GPUs per process)
+    stages: list[int] = field(default_factory=list)  # the stages this run trains, e.g. [1, 2]
+    # (consecutive indices; [] = all): train_mnist.py --stages, then python -m cdm.checkpoint combine
 
 
 @dataclass
@@ -140,12 +150,16 @@ class Config:
     seed: int = 0  # seeds data order, noise, dropout: same seed -> same run on CPU
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
-    base: StageConfig = field(default_factory=StageConfig)
-    sr: StageConfig = field(default_factory=lambda: StageConfig(image_size=32))
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [  # base first, then SR stages
+        StageConfig(image_size=8), StageConfig(image_size=32, augment=AugmentConfig())])
     classifier: ClassifierConfig | None = None  # a section here trains a noisy classifier too
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        for stage in self.stages[1:]:  # an SR stage without an augment: section gets the defaults
+            if stage.augment is None:
+                stage.augment = AugmentConfig()
 
     def validate(self) -> "Config":
         """Cross-field checks; raises ConfigError naming the first bad key."""
@@ -153,45 +167,23 @@ class Config:
         _check(self.data.channels in (1, 3), "data.channels", "1 or 3", self.data.channels)
         _check(self.data.max_resident_mb >= 0, "data.max_resident_mb", ">= 0", self.data.max_resident_mb)
         _check(self.data.workers >= 0, "data.workers", ">= 0", self.data.workers)
-        for name in ("base", "sr"):
-            _validate_stage(getattr(self, name), name)
-        base, sr = self.base, self.sr
-        _check(sr.image_size > base.image_size and sr.image_size % base.image_size == 0,
-               "sr.image_size", f"a multiple of base.image_size ({base.image_size}), larger than it",
-               sr.image_size)
-        _check(sr.model.upsample_mode in ("bilinear", "bicubic"), "sr.model.upsample_mode",
-               "bilinear or bicubic", sr.model.upsample_mode)
-        _check(base.optim.crop_size == 0, "base.optim.crop_size",
-               "0 (patches are for the SR stage)", base.optim.crop_size)
-        crop = sr.optim.crop_size
-        if crop:
-            scale = sr.image_size // base.image_size
-            levels = 2 ** (len(sr.model.channel_mult) - 1)
-            _check(crop <= sr.image_size and crop % scale == 0 and crop % levels == 0,
-                   "sr.optim.crop_size", f"0 or a size <= {sr.image_size} divisible by {scale} "
-                   f"and by {levels}", crop)
-        T = base.diffusion.timesteps
-        a = self.augment
-        _check(0 <= a.max_level <= T, "augment.max_level", f"in [0, base T = {T}]", a.max_level)
-        _check(0 <= a.aug_level <= a.max_level, "augment.aug_level",
-               f"in [0, augment.max_level = {a.max_level}]", a.aug_level)
-        _check(a.aug_mode in AUG_MODES, "augment.aug_mode", " or ".join(AUG_MODES), a.aug_mode)
-        _check(0.0 <= a.blur_prob <= 1.0, "augment.blur_prob", "in [0, 1]", a.blur_prob)
-        _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1],
-               "augment.blur_sigma", "[low, high] with 0 < low <= high", a.blur_sigma)
+        _check(len(self.stages) >= 1, "stages", "a list of at least one stage (the base)", self.stages)
+        for i, stage in enumerate(self.stages):
+            _validate_stage(stage, i, self.stages[i - 1] if i else None)
         if self.classifier is not None:
             c = self.classifier
             _check(c.num_classes >= 2, "classifier.num_classes", ">= 2", c.num_classes)
             _check(c.model.num_classes == 0, "classifier.model.num_classes",
                    "0 (the classifier predicts labels; it is not conditioned on them)",
                    c.model.num_classes)
-            _validate_model(c.model, base.image_size, "classifier")
+            _validate_model(c.model, self.base.image_size, "classifier")
             _validate_optim(c.optim, "classifier")
         g = self.guidance
         _check(g.classifier_scale >= 0, "guidance.classifier_scale", ">= 0", g.classifier_scale)
         _check(g.cfg_scale >= 0, "guidance.cfg_scale", ">= 0", g.cfg_scale)
+        _check(g.redraw >= 0, "guidance.redraw", ">= 0", g.redraw)
         _check(g.cfg_scale == 0 or self.base.model.label_dropout > 0, "guidance.cfg_scale",
-               "0 unless base.model.label_dropout > 0 (without it the null label is never learned)",
+               "0 unless stages.0.model.label_dropout > 0 (without it the null label is never learned)",
                g.cfg_scale)
         t = self.train
         _check(t.steps > 0, "train.steps", "> 0", t.steps)
@@ -199,6 +191,10 @@ class Config:
             _check(getattr(t, key) > 0, f"train.{key}", "> 0", getattr(t, key))
         _check(t.sample_every >= 0, "train.sample_every", ">= 0 (0 disables)", t.sample_every)
         _check(t.num_preview > 0, "train.num_preview", "> 0", t.num_preview)
+        indices = list(range(len(self.stages)))
+        _check(not t.stages or (set(t.stages) <= set(indices)
+                                and t.stages == list(range(t.stages[0], t.stages[0] + len(t.stages)))),
+               "train.stages", f"[] (all) or consecutive, ascending stage indices from {indices}", t.stages)
         _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16",
                t.precision)
         _check(t.compile in ("auto", "always", "never"), "train.compile", "auto, always or never",
@@ -208,6 +204,16 @@ class Config:
         _check(bool(self.run_name) and "/" not in self.run_name, "run_name",
                "a non-empty folder name without '/'", self.run_name)
         return self
+
+    @property
+    def base(self) -> StageConfig:
+        """stages[0], the stage that generates from noise (guidance and the classifier use it)."""
+        return self.stages[0]
+
+    @property
+    def trained_stages(self) -> list[int]:
+        """The indices of the stages this run trains (train.stages, or all)."""
+        return self.train.stages or list(range(len(self.stages)))
 
     @property
     def data_root(self) -> str:
@@ -236,7 +242,10 @@ def _check(ok: bool, key: str, expected: str, got) -> None:
         raise ConfigError(f"config key '{key}': expected {expected}, got {got!r}")
 
 
-def _validate_stage(stage: StageConfig, name: str) -> None:
+def _validate_stage(stage: StageConfig, i: int, prev: StageConfig | None) -> None:
+    """One stage's keys, named stages.<i>.<key>; an SR stage is also checked against the stage
+    before it (prev), whose output it super-resolves."""
+    name = f"stages.{i}"
     m, d, o, s = stage.model, stage.diffusion, stage.optim, stage.sampler
     _check(stage.image_size >= 4, f"{name}.image_size", ">= 4", stage.image_size)
     _validate_model(m, stage.image_size, name)
@@ -249,6 +258,32 @@ def _validate_stage(stage: StageConfig, name: str) -> None:
     _check(1 <= s.steps <= d.timesteps, f"{name}.sampler.steps",
            f"in [1, {name}.diffusion.timesteps = {d.timesteps}]", s.steps)
     _check(0.0 <= s.eta <= 1.0, f"{name}.sampler.eta", "in [0, 1]", s.eta)
+    if prev is None:
+        _check(stage.augment is None, f"{name}.augment",
+               "no augment section on the base stage (it has no low-res input)", stage.augment)
+        _check(o.crop_size == 0, f"{name}.optim.crop_size", "0 (patches are for SR stages)", o.crop_size)
+        return
+    _check(stage.image_size > prev.image_size and stage.image_size % prev.image_size == 0,
+           f"{name}.image_size", f"a multiple of stages.{i - 1}.image_size ({prev.image_size}), "
+           f"larger than it", stage.image_size)
+    _check(m.upsample_mode in ("bilinear", "bicubic"), f"{name}.model.upsample_mode",
+           "bilinear or bicubic", m.upsample_mode)
+    if o.crop_size:
+        scale = stage.image_size // prev.image_size
+        levels = 2 ** (len(m.channel_mult) - 1)
+        _check(o.crop_size <= stage.image_size and o.crop_size % scale == 0 and o.crop_size % levels == 0,
+               f"{name}.optim.crop_size", f"0 or a size <= {stage.image_size} divisible by {scale} "
+               f"and by {levels}", o.crop_size)
+    a, T = stage.augment, prev.diffusion.timesteps
+    _check(0 <= a.max_level <= T, f"{name}.augment.max_level",
+           f"in [0, stages.{i - 1}.diffusion.timesteps = {T}] (levels on the previous stage's schedule)",
+           a.max_level)
+    _check(0 <= a.aug_level <= a.max_level, f"{name}.augment.aug_level",
+           f"in [0, {name}.augment.max_level = {a.max_level}]", a.aug_level)
+    _check(a.aug_mode in AUG_MODES, f"{name}.augment.aug_mode", " or ".join(AUG_MODES), a.aug_mode)
+    _check(0.0 <= a.blur_prob <= 1.0, f"{name}.augment.blur_prob", "in [0, 1]", a.blur_prob)
+    _check(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1],
+           f"{name}.augment.blur_sigma", "[low, high] with 0 < low <= high", a.blur_sigma)
 
 
 def _validate_model(m: ModelConfig, image_size: int, name: str) -> None:
@@ -294,22 +329,29 @@ def _validate_optim(o: OptimConfig, name: str) -> None:
 def from_dict(cls, data, prefix: str = "", base=None):
     """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types. Keys not
     given keep the values of `base` (default: cls()), so a partial section keeps the defaults of
-    its parent (e.g. `sr: {optim: ...}` still has sr.image_size = 32)."""
+    its parent; each item of a list of sections (`stages:`) starts from that section's defaults."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if key in OLD_KEYS and cls is Config:
+            raise ConfigError(f"config key '{key}': {OLD_KEYS[key]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{path}'{hint}; valid keys here: "
                               f"{', '.join(names)}")
         section = _optional_section(hints[key])
-        if dataclasses.is_dataclass(hints[key]):
+        item = typing.get_args(hints[key])[0] if typing.get_origin(hints[key]) is list else None
+        if dataclasses.is_dataclass(item):
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"config key '{path}': expected a non-empty list of sections, got {value!r}")
+            kwargs[key] = [from_dict(item, v, f"{path}.{i}.") for i, v in enumerate(value)]
+        elif dataclasses.is_dataclass(hints[key]):
             kwargs[key] = from_dict(hints[key], value, path + ".", getattr(base, key))
         elif section is not None:  # an optional section: absent (None) or built from its defaults
             kwargs[key] = None if value is None else from_dict(section, value, path + ".",
@@ -360,11 +402,39 @@ def apply_override(data: dict, assignment: str) -> None:
         value = raw
     parts = key.strip().split(".")
     node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
-    node[parts[-1]] = value
+    for part, last in zip(parts, [False] * (len(parts) - 1) + [True]):
+        if isinstance(node, list):  # stages.1.optim.lr: an index into a list of sections
+            if not (part.isdigit() and int(part) < len(node)):
+                raise ConfigError(f"override '{assignment}': '{part}' is not an index of this "
+                                  f"list (0..{len(node) - 1})")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is inside a value, not a section")
+        if last:
+            node[part] = value
+        elif isinstance(node, list) or part in node:
+            node = node[part]
+        else:
+            node = node.setdefault(part, {})
+
+
+OLD_KEYS = {k: "the cascade is now a list of stages: write 'stages:' with the base as its first item "
+                 "and each SR stage (with its own 'augment:') after it, as configs/cdm_mnist_cpu.yaml "
+                 "does; in --set, base.* is stages.0.* and sr.* stages.1.*"
+            for k in ("base", "sr", "augment")}
+
+
+def upgrade_config_dict(data: dict) -> dict:
+    """A stored config of format 1 (two stages as `base:`, `sr:` and `augment:`) as today's
+    `stages:` list; a config that has `stages:` is returned as it is."""
+    if "stages" in data or not OLD_KEYS.keys() & data.keys():
+        return data
+    data = dict(data)
+    base, sr = data.pop("base", {}), dict(data.pop("sr", {}))
+    sr.setdefault("image_size", 32)  # format 1's default SR size
+    sr["augment"] = data.pop("augment", {})
+    data["stages"] = [base, sr]
+    return data
 
 
 def config_from_dict(data: dict) -> Config:
@@ -385,6 +455,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"config file '{path}': not valid YAML ({err})".replace("\n", " "))
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}': expected a mapping of sections at the top")
+    if "stages" not in data:  # overrides such as stages.1.optim.lr index the default list
+        data["stages"] = [dataclasses.asdict(stage) for stage in Config().stages]
     for assignment in overrides:
         apply_override(data, assignment)
     return config_from_dict(data)

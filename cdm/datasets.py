@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -54,6 +55,10 @@ class ResidentData:
         """This rank's share (every world_size-th image) for data-parallel training."""
         return ResidentData(self.images[rank::world_size], self.labels[rank::world_size], self.classes)
 
+    def head(self, n: int) -> torch.Tensor:
+        """The first n images (n, C, S, S): fixed real inputs for previews of SR stages."""
+        return self.images[:n]
+
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n random images (n, C, S, S) and their labels (n,)."""
         idx = torch.randint(0, len(self.images), (n,), generator=generator, device=self.images.device)
@@ -87,6 +92,10 @@ class StreamingData:
         files = self.files
         share = _ImageFiles(files.root, files.samples[rank::world_size], files.image_size, files.channels)
         return StreamingData(share, self.classes, self.device, self.workers)
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first n images in file order (n, C, S, S), on the device (as ResidentData.head)."""
+        return torch.stack([self.files[i][0] for i in range(min(n, len(self.files)))]).to(self.device)
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The next n images (n, C, S, S) and their labels (n,), on the device."""
@@ -233,6 +242,57 @@ def _read_image(path: str, image_size: int, channels: int) -> torch.Tensor:
     side = min(pixels.shape[-2:])
     square = center_crop(pixels, [side, side])  # (C, side, side)
     return _to_model_images(square[None], image_size, channels)[0]
+
+
+def load_images(path: str | Path, channels: int) -> torch.Tensor:
+    """Your own images, as sample.py --low-res takes them: one image file, a folder of image
+    files (sorted by name) or an .npz whose uint8 `images` are (N, H, W, C), the layout sample.py
+    writes. They must be square and all one size; they are not resized. Returns
+    (N, channels, S, S) in [-1, 1]; grey is repeated to 3 channels, colour with 1 channel is an
+    error naming the file."""
+    source = Path(path)
+    if source.suffix == ".npz" and source.is_file():
+        images = load_npz_images(source)  # (N, C, H, W)
+        if images.shape[-1] != images.shape[-2]:
+            raise UserError(f"samples file '{source}': images are {images.shape[-2]}x{images.shape[-1]}, not square")
+        if images.shape[1] == 3 and channels == 1:
+            if (images != images[:, :1]).any():
+                raise UserError(f"samples file '{source}': has colour but this cascade has 1 channel")
+            images = images[:, :1]
+        return images.expand(-1, channels, -1, -1).contiguous()
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise UserError(f"folder '{source}': no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+    elif source.is_file():
+        files = [source]
+    else:
+        raise UserError(f"'{source}': no such image file, folder or .npz")
+    sizes = {}
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                sizes[file] = image.size  # (W, H)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise UserError(f"image '{file}' cannot be read: {err}") from None
+    size = sizes[files[0]]
+    for file, (w, h) in sizes.items():
+        if w != h or (w, h) != size:
+            raise UserError(f"image '{file}' is {w}x{h}; expected square images all of one size "
+                            f"({size[0]}x{size[1]}, as '{files[0].name}')")
+    return torch.stack([_read_image(str(file), size[0], channels) for file in files])
+
+
+def load_npz_images(path: str | Path) -> torch.Tensor:
+    """uint8 (N, H, W, C) `images` from an .npz -> float (N, C, H, W) in [-1, 1]."""
+    try:
+        images = np.load(path)["images"]
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"samples file '{path}': cannot read an 'images' array ({err})") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(f"samples file '{path}': expected uint8 images (N, H, W, C), "
+                        f"got {images.dtype} {images.shape}")
+    return to_model_range(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
 
 
 @contextmanager

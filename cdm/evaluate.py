@@ -22,8 +22,9 @@ MNIST *training* digits scored exactly like samples (same reference, same code),
 row is "at the floor" in a space when its FD is within one floor standard deviation of the
 floor's mean.
 
-SR table (SR3 style): each SR stage given the true 8x8 test digits, against bicubic upsampling:
-PSNR, SSIM, consistency, and how often each evaluation network still reads the true digit.
+SR table (SR3 style): the SR stages (all of them, in turn) given the true base-size test digits,
+against bicubic upsampling: PSNR, SSIM, consistency, and how often each evaluation network still
+reads the true digit. --aug-level and --aug-mode set every SR stage.
 Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with
 --plot, fd_vs_aug_level.png to --out.
 """
@@ -34,7 +35,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,30 +44,18 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from cdm import metrics
-from cdm.augment import sr_cond
-from cdm.cascade import Stage, load_cascade, sample_cascade, with_sampler
+from cdm.cascade import Stage, load_cascade, sample_cascade, with_augment, with_sampler
+from cdm.checkpoint import CLASSIFIER
 from cdm.classifier import DEFAULT_PATHS, load_classifier
 from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS
-from cdm.data import downsample, to_model_range, to_unit_range
-from cdm.datasets import load_mnist
+from cdm.data import downsample, to_unit_range
+from cdm.datasets import load_mnist, load_npz_images
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale_list
 from cdm.grids import nearest_up
 from cdm.guidance import Guidance
 from cdm.noisy_classifier import check_fits, load_noisy_classifier
-from cdm.runtime import autocast, resolve_device, use_bf16
+from cdm.runtime import resolve_device, use_bf16
 from cdm.unet import upsample_low_res
-
-
-def load_npz_images(path: str | Path) -> torch.Tensor:
-    """uint8 (N, H, W, C) `images` from an .npz -> float (N, C, H, W) in [-1, 1]."""
-    try:
-        images = np.load(path)["images"]
-    except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"samples file '{path}': cannot read an 'images' array ({err})") from None
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise UserError(f"samples file '{path}': expected uint8 images (N, H, W, C), "
-                        f"got {images.dtype} {images.shape}")
-    return to_model_range(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
 
 
 def load_npz_labels(path: str | Path) -> torch.Tensor | None:
@@ -185,27 +174,19 @@ def at_floor(row: dict, floors: dict[int, dict], spaces: list[FeatureSpace]) -> 
     return ", ".join(names) or "no"
 
 
-@torch.inference_mode()
-def sr_report(sr: Stage, hr: torch.Tensor, labels: torch.Tensor, base_size: int,
-              spaces: list[FeatureSpace], generator: torch.Generator, bf16: bool,
-              grid_path: Path | None) -> list[dict]:
-    """The SR stage given true low-res digits (aug_level 0) against bicubic upsampling; a
-    class-conditional SR stage is given the digits' true labels."""
-    device = next(sr.model.parameters()).device
+def sr_report(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, spaces: list[FeatureSpace],
+              generator: torch.Generator, bf16: bool, grid_path: Path | None) -> list[dict]:
+    """The SR stages (stages[1:], aug_level 0) given true base-size digits, against bicubic
+    upsampling of the same digits; class-conditional SR stages are given the true labels."""
+    device = next(stages[0].model.parameters()).device
     hr = hr.cpu()
-    lr = downsample(hr, base_size)  # (N, C, 8, 8)
-    outs = []
-    for i in range(0, len(hr), 500):
-        batch = lr[i:i + 500].to(device)
-        y = labels[i:i + 500].to(device) if sr.model.num_classes else None
-        noise = torch.randn(hr[i:i + 500].shape, generator=generator, device=device)
-        cond = sr_cond(batch, torch.zeros(len(batch), dtype=torch.long, device=device), y)
-        with autocast(device, bf16):
-            outs.append(sr.diffusion.sample(sr.model, noise, cond, sr.sampler, generator=generator).float().cpu())
-    sr_out = torch.cat(outs)  # (N, C, 32, 32)
+    lr = downsample(hr, stages[0].cfg.image_size)  # (N, C, 8, 8)
+    sr_stages = [with_augment(s, aug_level=0) for s in stages[1:]]
+    sr_out = sample_cascade(sr_stages, len(hr), generator, batch_size=500, labels=labels.to(device),
+                            bf16=bf16, low_res=lr.to(device)).images.cpu()  # (N, C, 32, 32)
     bicubic = upsample_low_res(lr, hr.shape[-1], "bicubic").clamp(-1, 1)
     rows = []
-    for name, pred in (("bicubic", bicubic), ("SR stage", sr_out)):
+    for name, pred in (("bicubic", bicubic), ("SR stages", sr_out)):
         row = {"method": name, "n": len(hr), "psnr": metrics.psnr(pred, hr).mean().item(),
                "ssim": metrics.ssim(pred, hr).mean().item(),
                "consistency": metrics.consistency(pred, lr).mean().item()}
@@ -332,39 +313,43 @@ def main() -> None:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
         run = f"{Path(path).parent.name}/{Path(path).name}"
-        bad = [s for s in args.aug_level or [] if not 0 <= s <= cfg.augment.max_level]
-        if bad:
-            raise UserError(f"--aug-level {bad[0]}: the SR stage of '{path}' was trained on levels "
-                            f"0..{cfg.augment.max_level}; choose levels in that range")
-        guidance = label_guidance(args, cfg, path, stages["base"].model.num_classes, noisy)
+        for stage in stages[1:]:
+            bad = [s for s in args.aug_level or [] if not 0 <= s <= stage.cfg.augment.max_level]
+            if bad:
+                raise UserError(f"--aug-level {bad[0]}: SR stage {stage.index} of '{path}' was trained "
+                                f"on levels 0..{stage.cfg.augment.max_level}; choose levels in that range")
+        guidance = label_guidance(args, cfg, ckpt, path, stages[0].model.num_classes, noisy, device)
+        top = stages[-1].cfg.augment  # the row shows the top SR stage's level and mode (None: 1 stage)
         for level, mode, base_steps, sr_steps, cfg_scale, scale in itertools.product(
-                args.aug_level or [cfg.augment.aug_level], modes, args.base_steps or [None],
+                args.aug_level or [None], modes, args.base_steps or [None],
                 args.sr_steps or [None], args.cfg_scale or [guidance.cfg_scale],
                 args.guidance_scale or [guidance.classifier_scale]):
-            mode = mode or cfg.augment.aug_mode
-            base = with_sampler(stages["base"], steps=base_steps, name=args.base_sampler)
-            sr = with_sampler(stages["sr"], steps=sr_steps, name=args.sr_sampler)
+            chain = [with_sampler(with_augment(stage, aug_level=level, aug_mode=mode),
+                                  steps=base_steps if stage.index == 0 else sr_steps,
+                                  name=args.base_sampler if stage.index == 0 else args.sr_sampler)
+                     for stage in stages]
+            level, mode = (chain[-1].cfg.augment.aug_level, chain[-1].cfg.augment.aug_mode) if top else (0, "")
             scored = []
             for seed in tqdm(args.seeds, desc=f"{run} seeds", leave=False):
                 start = time.perf_counter()
-                samples = sample_cascade(base, sr, args.num_samples, level, mode,
+                samples = sample_cascade(chain, args.num_samples,
                                          generator=torch.Generator(device).manual_seed(seed),
                                          batch_size=args.batch_size, bf16=bf16, progress=True,
-                                         guidance=Guidance(cfg_scale, guidance.classifier, scale))
+                                         guidance=replace(guidance, cfg_scale=cfg_scale, classifier_scale=scale))
                 seconds = time.perf_counter() - start
                 images = samples.images.cpu()
                 scored.append({**score(spaces, images, samples.labels), "sample_s": seconds,
-                               "consistency": metrics.consistency(images, samples.base.cpu()).mean().item()})
-            guided = f", cfg {cfg_scale:g}" * bool(base.model.num_classes) + f", cg {scale:g}" * bool(scale)
-            rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, "
-                                    f"{base.sampler.name}-{base.sampler.steps}/{sr.sampler.name}-{sr.sampler.steps}"
-                                    f"{guided})",
+                               "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
+            guided = (f", cfg {cfg_scale:g}" * bool(chain[0].model.num_classes) + f", cg {scale:g}" * bool(scale)
+                      + f", redraw {guidance.redraw}" * bool(guidance.redraw))
+            samplers = "/".join(f"{s.cfg.sampler.name}-{s.cfg.sampler.steps}" for s in chain)
+            rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, {samplers}{guided})",
                          "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,
                          "guidance_scale": scale, "spread": f"{len(args.seeds)} seeds", **mean_std(scored)})
             print(markdown_table(rows[-1:], columns(spaces)).splitlines()[-1], flush=True)
-        if args.sr_digits:
-            runs = [sr_report(stages["sr"], test_images[:args.sr_digits].to(device),
-                              test_labels[:args.sr_digits], cfg.base.image_size, spaces,
+        if args.sr_digits and len(stages) > 1:
+            runs = [sr_report(stages, test_images[:args.sr_digits].to(device),
+                              test_labels[:args.sr_digits], spaces,
                               torch.Generator(device).manual_seed(seed), bf16,
                               out_dir / f"sr_grid_{Path(path).parent.name}.png" if seed == args.seeds[0] else None)
                     for seed in args.seeds]
@@ -395,19 +380,24 @@ def main() -> None:
     print("wrote " + ", ".join(str(p) for p in written if p))
 
 
-def label_guidance(args, cfg, path: str, base_classes: int, noisy: tuple | None) -> Guidance:
+def label_guidance(args, cfg, ckpt: dict, path: str, base_classes: int, noisy: tuple | None,
+                   device: torch.device) -> Guidance:
     """The guidance a checkpoint's rows sample with (before the --cfg-scale/--guidance-scale
-    sweeps): none with --no-guidance, else the config's guidance section, with the noisy
-    classifier of --noisy-classifier (loaded once, `noisy`: (classifier, its config))."""
+    sweeps), as sample.py's defaults: none with --no-guidance, else the config's guidance
+    section, with the noisy classifier of --noisy-classifier (loaded once, `noisy`: (classifier,
+    its config)); guidance.redraw uses that classifier or the checkpoint's own."""
     if any(args.cfg_scale or []) and not (base_classes and cfg.base.model.label_dropout):
         raise UserError(f"--cfg-scale: '{path}' is not class-conditional with label dropout "
-                        f"(base.model.label_dropout > 0), so it has no null label to guide with")
+                        f"(stages.0.model.label_dropout > 0), so it has no null label to guide with")
     if args.no_guidance:
         return Guidance()
-    if noisy is None:
-        return Guidance(cfg.guidance.cfg_scale)
-    check_fits(noisy[1], cfg, args.noisy_classifier)
-    return Guidance(cfg.guidance.cfg_scale, noisy[0], cfg.guidance.classifier_scale)
+    g = cfg.guidance
+    if noisy is not None:
+        check_fits(noisy[1], cfg, args.noisy_classifier)
+        return Guidance(g.cfg_scale, noisy[0], g.classifier_scale, redraw=g.redraw)
+    if g.redraw and base_classes and CLASSIFIER in ckpt:
+        return Guidance(g.cfg_scale, load_noisy_classifier(path, device)[0], redraw=g.redraw)
+    return Guidance(g.cfg_scale)
 
 
 if __name__ == "__main__":

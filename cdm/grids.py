@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid, save_image
 
-from cdm.cascade import CascadeSamples
+from cdm.cascade import CascadeSamples, stage_name
 from cdm.data import to_unit_range
 
 
@@ -19,22 +19,32 @@ def nearest_up(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x.float(), size=(size, size), mode="nearest")
 
 
-def save_cascade_grids(samples: CascadeSamples, out_dir: str | Path, suffix: str = "") -> dict[str, Path]:
-    """Write base.png (8x8 shown nearest-upscaled), cascade.png (32x32) and side_by_side.png
-    (pairs: base | SR output) into out_dir; returns the paths by name."""
+def save_cascade_grids(samples: CascadeSamples, out_dir: str | Path, suffix: str = "",
+                       given: torch.Tensor | None = None, reference: torch.Tensor | None = None
+                       ) -> dict[str, Path]:
+    """Write one grid per stage output into out_dir: base.png, sr1.png, ... for the stages before
+    the last (small images nearest-upscaled to the final size), cascade.png for the last, and
+    side_by_side.png: per sample, [reference |] [given |] every stage's output, left to right.
+    given: the low-res images the chain started from (sample.py --low-res); reference: the
+    high-res images they were made from, when known. Returns the paths by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = samples.images.shape[-1]
-    n = samples.images.shape[0]
+    final = samples.images
+    size, n = final.shape[-1], final.shape[0]
     nrow = max(1, int(math.ceil(math.sqrt(n))))
-    base = to_unit_range(nearest_up(samples.base, size)).cpu()  # (N, C, 32, 32)
-    final = to_unit_range(samples.images).cpu()  # (N, C, 32, 32)
-    pairs = torch.stack([base, final], dim=1).flatten(0, 1)  # (2N, C, 32, 32): base, SR, ...
-    paths = {"base": out_dir / f"base{suffix}.png", "cascade": out_dir / f"cascade{suffix}.png",
-             "side_by_side": out_dir / f"side_by_side{suffix}.png"}
-    save_image(base, paths["base"], nrow=nrow, padding=2, pad_value=0.5)
-    save_image(final, paths["cascade"], nrow=nrow, padding=2, pad_value=0.5)
-    save_image(pairs, paths["side_by_side"], nrow=2 * min(8, nrow), padding=2, pad_value=0.5)
+    shown = {stage_name(k): samples.outputs[k] for k in list(samples.outputs)[:-1]}
+    paths = {}
+    for name, images in shown.items():
+        paths[name] = out_dir / f"{name}{suffix}.png"
+        save_image(to_unit_range(nearest_up(images, size)).cpu(), paths[name], nrow=nrow, padding=2, pad_value=0.5)
+    paths["cascade"] = out_dir / f"cascade{suffix}.png"
+    save_image(to_unit_range(final).cpu(), paths["cascade"], nrow=nrow, padding=2, pad_value=0.5)
+    columns = [x for x in (reference, given) if x is not None] + list(samples.outputs.values())
+    chains = torch.stack([to_unit_range(nearest_up(x.to(final.device), size)).cpu() for x in columns],
+                         dim=1)  # (N, columns, C, size, size)
+    paths["side_by_side"] = out_dir / f"side_by_side{suffix}.png"
+    save_image(chains.flatten(0, 1), paths["side_by_side"], nrow=len(columns) * max(1, 8 // len(columns)),
+               padding=2, pad_value=0.5)
     return paths
 
 

@@ -9,6 +9,10 @@ Classifier-free guidance (Ho & Salimans 2022, Eq. 6) needs no classifier: one mo
 label dropout predicts both eps(x_t, y) and eps(x_t, null), and sampling uses
 eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null). `classifier_free` wraps a model so that it returns
 the guided output; the samplers run it like any model.
+
+Redrawing: with `redraw` k > 0, base samples that the noisy classifier reads (at t = 0) as another
+class than the one asked are drawn again, up to k times (`misread`, used by cascade.py). Guidance
+alone trades diversity for label accuracy; a redraw touches only the few samples that missed.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ class Guidance:
     cfg_scale: float = 0.0  # w of classifier-free guidance (0: the plain conditional model)
     classifier: torch.nn.Module | None = None  # noisy classifier p(y | x_t, t) at the base size
     classifier_scale: float = 0.0  # s of classifier guidance (0: none)
+    cfg_interval: tuple[int, int] | None = None  # CFG only at states lo <= t <= hi (None: all)
+    redraw: int = 0  # redraw base samples the classifier reads as another class, up to this often
 
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator) -> torch.Tensor:
@@ -39,18 +45,35 @@ def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Gen
     return torch.where(drop, null_label, y)
 
 
-def classifier_free(model: Callable, cfg_scale: float, null_label: int) -> Callable:
+def classifier_free(model: Callable, cfg_scale: float, null_label: int,
+                    interval: tuple[int, int] | None = None) -> Callable:
     """model(x, t, y=..., **cond) -> (1 + w) out(x, y) - w out(x, null), both halves in one batch.
     Valid for eps- and v-prediction alike: at fixed x_t, v = eps / sqrt(abar) - sqrt(1/abar - 1)
-    x_t is affine in eps, and the weights (1 + w, -w) sum to one, so mixing v mixes eps exactly."""
+    x_t is affine in eps, and the weights (1 + w, -w) sum to one, so mixing v mixes eps exactly.
+    interval (lo, hi): guide only the states lo <= t <= hi, elsewhere the plain conditional model
+    (Kynkaanniemi et al. 2024: guidance at the highest noise levels costs diversity, at the
+    lowest it does little)."""
 
     def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **cond) -> torch.Tensor:
+        if interval is not None and not bool(((t >= interval[0]) & (t <= interval[1])).any()):
+            return model(x, t, y=y, **cond)
         both = {k: torch.cat([v, v]) for k, v in cond.items()}
         labels = torch.cat([y, torch.full_like(y, null_label)])  # (2B,)
         out_cond, out_null = model(torch.cat([x, x]), torch.cat([t, t]), y=labels, **both).chunk(2)
-        return out_cond + cfg_scale * (out_cond - out_null)
+        w = torch.full_like(t, cfg_scale, dtype=out_cond.dtype)  # (B,)
+        if interval is not None:
+            w = torch.where((t >= interval[0]) & (t <= interval[1]), w, 0)
+        return out_cond + w.view(-1, *[1] * (x.ndim - 1)) * (out_cond - out_null)
 
     return guided
+
+
+@torch.no_grad()
+def misread(classifier: torch.nn.Module, base_images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the noisy classifier, at t = 0, reads the clean base-size images (B, C, h, w)
+    as another class than y (B,)."""
+    t = torch.zeros(len(y), dtype=torch.long, device=base_images.device)
+    return classifier(base_images, t).argmax(dim=1) != y
 
 
 def classifier_score(classifier: torch.nn.Module, y: torch.Tensor, scale: float) -> ScoreFn:

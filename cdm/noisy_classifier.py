@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cdm.checkpoint import CLASSIFIER, checkpoint_config, load_checkpoint, load_state, stage_weights
+from cdm.checkpoint import CLASSIFIER, checkpoint_config, load_checkpoint, load_state
 from cdm.config import Config, StageConfig, load_config
 from cdm.data import downsample
 from cdm.datasets import load_mnist
@@ -67,10 +67,10 @@ def load_noisy_classifier(path: str | os.PathLike, device: torch.device | str
                           ) -> tuple[NoisyClassifier, Config]:
     """The noisy classifier stored in a checkpoint (EMA weights, ready for guidance) and the
     checkpoint's config."""
-    ckpt = load_checkpoint(path, device, parts=(CLASSIFIER,))
+    ckpt = load_checkpoint(path, device, stages=[], classifier=True)
     cfg = checkpoint_config(ckpt, path)
     model = NoisyClassifier(cfg).to(device)
-    load_state(model, stage_weights(ckpt, CLASSIFIER, "ema", path), path, "classifier ema weights")
+    load_state(model, ckpt[CLASSIFIER]["ema"], path, "classifier ema weights")
     return model.eval().requires_grad_(False), cfg
 
 
@@ -78,9 +78,9 @@ def check_fits(classifier_cfg: Config, cascade: Config, path: str | os.PathLike)
     """Raise unless the classifier (config `classifier_cfg`, from `path`) was trained on the
     cascade's base images and forward process (size, channels, schedule): else its gradient
     means nothing to that base stage."""
-    for key, ours, theirs in (("base.image_size", classifier_cfg.base.image_size, cascade.base.image_size),
+    for key, ours, theirs in (("stages.0.image_size", classifier_cfg.base.image_size, cascade.base.image_size),
                               ("data.channels", classifier_cfg.data.channels, cascade.data.channels),
-                              ("base.diffusion", classifier_cfg.base.diffusion, cascade.base.diffusion)):
+                              ("stages.0.diffusion", classifier_cfg.base.diffusion, cascade.base.diffusion)):
         if ours != theirs:
             raise UserError(f"classifier '{path}' was trained with {key} = {ours}, but this "
                             f"cascade has {theirs}: train a classifier for it")
@@ -108,7 +108,7 @@ def accuracy_by_t(classifier: NoisyClassifier, diffusion: GaussianDiffusion, x0:
 def report(path: str | os.PathLike) -> dict[int, float]:
     """Print the classifier's MNIST-test accuracy at t = 0, T/10, ..., T-1 and return it."""
     classifier, cfg = load_noisy_classifier(path, "cpu")
-    images, labels = load_mnist(cfg.data_root, cfg.data.download, cfg.sr.image_size,
+    images, labels = load_mnist(cfg.data_root, cfg.data.download, cfg.stages[-1].image_size,
                                 cfg.data.channels, train=False)
     x0 = downsample(images, cfg.base.image_size)  # (10000, C, 8, 8), as in training
     T = cfg.base.diffusion.timesteps
@@ -134,7 +134,7 @@ def main() -> None:
     if args.config:
         cfg = load_config(args.config, args.overrides)
         cfg.run_name += "_classifier"
-        path = train(cfg, progress=not args.no_progress, parts=(CLASSIFIER,))
+        path = train(cfg, progress=not args.no_progress, classifier_only=True)
     report(path)
 
 

@@ -1,10 +1,11 @@
-"""Train the base and SR stages together, from one data stream (`train(cfg)`).
+"""Train the stages of the cascade together, from one data stream (`train(cfg)`).
 
-Each step draws one batch of 32x32 digits. The base stage learns the 8x8 downsampled batch; the
-SR stage learns the 32x32 batch given its own 8x8 version, blurred and noised by conditioning
-augmentation; a noisy classifier, when the config has a `classifier:` section, learns the labels
-of the base stage's noisy 8x8 x_t. Each has its own network, AdamW, warm-up, gradient clipping
-and EMA.
+Each step draws one batch at the top stage's size (32x32 digits for MNIST). The base stage learns
+the batch downsampled to its size (8x8); each SR stage learns the batch at its own size given the
+next-lower version, blurred and noised by its conditioning augmentation; a noisy classifier, when
+the config has a `classifier:` section, learns the labels of the base stage's noisy x_t. Each has
+its own network, AdamW, warm-up, gradient clipping and EMA. train.stages (--stages) trains a
+consecutive subset: python -m cdm.checkpoint combine joins the files afterwards.
 The loop reads top to bottom: lr -> batch -> cond -> loss -> backward -> clip -> step -> EMA ->
 log -> preview -> checkpoint. Ctrl-C saves a checkpoint before exiting.
 """
@@ -28,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cdm.augment import blur_low_res, noise_low_res, sample_aug_levels, sr_cond
-from cdm.cascade import Stage, build_stage, sample_cascade
-from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, STAGES, checkpoint_config, load_checkpoint,
-                            load_state, save_checkpoint, stage_weights)
+from cdm.cascade import Stage, build_stage, sample_cascade, stage_name
+from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, checkpoint_config, load_checkpoint, load_state,
+                            save_checkpoint, stage_weights)
 from cdm.config import Config, StageConfig
 from cdm.data import downsample
 from cdm.datasets import load_data
@@ -46,13 +47,21 @@ from cdm.unet import UNet, upsample_low_res
 
 @dataclass
 class TrainStage:
-    name: str
+    """A trained part: a cascade stage (index 0, 1, ...) or the noisy classifier (index None)."""
+
+    name: str  # base, sr1, sr2, ... or classifier: the prefix of its log columns
+    index: int | None
     cfg: StageConfig
     model: UNet | NoisyClassifier  # the trained weights (uncompiled module: what is saved)
     forward: Callable  # model, or torch.compile(model)
     ema: UNet | NoisyClassifier  # exponential moving average of `model`, used for sampling
     optimizer: torch.optim.Optimizer
     diffusion: GaussianDiffusion
+    low_res_diffusion: GaussianDiffusion | None = None  # SR stages: the previous stage's schedule
+
+    def for_sampling(self) -> Stage:
+        """The stage with its EMA weights, as the sampler takes it."""
+        return Stage(self.index, self.cfg, self.ema, self.diffusion, self.low_res_diffusion)
 
 
 @torch.no_grad()
@@ -73,16 +82,18 @@ def learning_rate(step: int, cfg: StageConfig) -> float:
     return cfg.optim.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.optim.lr
 
 
-def make_stage(cfg: Config, name: str, device: torch.device, compile_model: bool,
+def make_stage(cfg: Config, index: int | None, device: torch.device, compile_model: bool,
                channels_last: bool, data_parallel: bool = False) -> TrainStage:
-    """A trainable part: a cascade stage, or the noisy classifier (on the base's forward process)."""
-    if name == CLASSIFIER:
-        stage_cfg = classifier_stage_config(cfg)
+    """A trainable part: cascade stage `index`, or (None) the noisy classifier, which learns on
+    the base stage's forward process."""
+    low_res = None
+    if index is None:
+        name, stage_cfg = CLASSIFIER, classifier_stage_config(cfg)
         model = NoisyClassifier(cfg).to(device)
         diffusion = GaussianDiffusion(cfg.base.diffusion, device)
     else:
-        stage_cfg = getattr(cfg, name)
-        model, diffusion = build_stage(cfg, name, device)
+        name, stage_cfg = stage_name(index), cfg.stages[index]
+        model, diffusion, low_res = build_stage(cfg, index, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -93,7 +104,7 @@ def make_stage(cfg: Config, name: str, device: torch.device, compile_model: bool
         forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if compile_model:
         forward = torch.compile(forward)
-    return TrainStage(name, stage_cfg, model, forward, ema, optimizer, diffusion)
+    return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, diffusion, low_res)
 
 
 class StepStats(NamedTuple):
@@ -201,17 +212,24 @@ def check_finite(row: dict, names, window_steps: int, step: int, metrics: dict,
                             f"{ckpt_path}, is kept as it was; lower {name}.optim.lr and resume")
 
 
-def preview(stages: dict[str, TrainStage], cfg: Config, step: int, bf16: bool) -> float:
-    """Draw num_preview cascaded samples from the EMA weights with a fixed seed (so grids can be
-    compared across steps) and write the three grids; returns the seconds it took."""
+def preview(stages: dict[str, TrainStage], cfg: Config, step: int, bf16: bool,
+            real: torch.Tensor) -> float:
+    """Draw num_preview samples through the trained stages from their EMA weights with a fixed
+    seed (so grids can be compared across steps) and write a grid per stage; returns the seconds
+    it took. When the base is trained elsewhere (--stages 1,2), the first trained stage starts
+    from `real` images (num_preview, C, H, W) downsampled to its input size."""
     start = time.perf_counter()
-    device = next(stages["base"].ema.parameters()).device
+    cascade = [s.for_sampling() for s in stages.values() if s.index is not None]
+    device = next(cascade[0].model.parameters()).device
     generator = torch.Generator(device).manual_seed(cfg.seed + 1)
-    samples = sample_cascade(
-        *(Stage(stages[n].ema, stages[n].diffusion, stages[n].cfg.sampler) for n in STAGES),
-        num=cfg.train.num_preview, aug_level=cfg.augment.aug_level, aug_mode=cfg.augment.aug_mode,
-        generator=generator, batch_size=cfg.train.num_preview, bf16=bf16)
-    save_cascade_grids(samples, cfg.run_dir / "samples", suffix=f"_step{step:06d}")
+    low_res = reference = None
+    if cascade[0].index > 0:
+        low_res = downsample(real, cfg.stages[cascade[0].index - 1].image_size)
+        reference = downsample(real, cascade[-1].cfg.image_size)
+    samples = sample_cascade(cascade, num=cfg.train.num_preview, generator=generator,
+                             batch_size=cfg.train.num_preview, bf16=bf16, low_res=low_res)
+    save_cascade_grids(samples, cfg.run_dir / "samples", suffix=f"_step{step:06d}", given=low_res,
+                       reference=reference)
     return time.perf_counter() - start
 
 
@@ -227,24 +245,39 @@ def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
     """The checkpoint dict; rng_states holds one entry per rank (one in a single process)."""
     payload = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "step": step,
                "metrics": metrics, "git_commit": git_commit(), "rng": rng_states}
-    for name, stage in stages.items():
-        payload[name] = {"model": stage.model.state_dict(), "ema": stage.ema.state_dict(),
-                         "optimizer": stage.optimizer.state_dict()}
+    payload["stages"] = {}
+    for stage in stages.values():
+        entry = {"model": stage.model.state_dict(), "ema": stage.ema.state_dict(),
+                 "optimizer": stage.optimizer.state_dict(), "step": step}
+        if stage.index is None:
+            payload[CLASSIFIER] = entry
+        else:
+            payload["stages"][stage.index] = entry
     return payload
 
 
 def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
             generator: torch.Generator, info: DistInfo) -> tuple[int, dict]:
     """Load weights, EMA, optimizers and RNG states from a checkpoint; returns (step, metrics)."""
-    ckpt = load_checkpoint(path, "cpu", parts=tuple(stages))
+    indices = [s.index for s in stages.values() if s.index is not None]
+    ckpt = load_checkpoint(path, "cpu", stages=indices, classifier=CLASSIFIER in stages)
     stored = checkpoint_config(ckpt, path)
-    for name in stages:
-        if getattr(stored, name).model != getattr(cfg, name).model:
-            raise UserError(f"--resume '{path}': its {name}.model config differs from this run's; "
+    if len(stored.stages) != len(cfg.stages):
+        raise UserError(f"--resume '{path}': it holds a {len(stored.stages)}-stage cascade, this "
+                        f"config has {len(cfg.stages)}; resume with the checkpoint's own config")
+    for stage in stages.values():
+        if stage.index is None:
+            states = ckpt[CLASSIFIER]
+            same = stored.classifier is not None and stored.classifier.model == cfg.classifier.model
+        else:
+            states = {part: stage_weights(ckpt, stage.index, part, path) for part in ("model", "ema", "optimizer")}
+            same = stored.stages[stage.index].model == cfg.stages[stage.index].model
+        if not same:
+            key = "classifier" if stage.index is None else f"stages.{stage.index}"
+            raise UserError(f"--resume '{path}': its {key}.model config differs from this run's; "
                             f"resume with the checkpoint's own config (no --config)")
-        stage = stages[name]
         for part, target in (("model", stage.model), ("ema", stage.ema), ("optimizer", stage.optimizer)):
-            load_state(target, stage_weights(ckpt, name, part, path), path, f"{name} {part} state")
+            load_state(target, states[part], path, f"{stage.name} {part} state")
     if len(ckpt["rng"]) != info.world_size:
         raise UserError(f"--resume '{path}': it was saved by {len(ckpt['rng'])} process(es); resume "
                         f"with the same number (this run has {info.world_size})")
@@ -267,28 +300,31 @@ def write_run_info(cfg: Config, device: torch.device) -> None:
 
 def cascade_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y: torch.Tensor,
                  step: int, bf16: bool, generator: torch.Generator) -> dict[str, StepStats]:
-    """One step of both stages on one batch of 32x32 digits hr (B, C, 32, 32), labels y (B,)."""
-    base, sr, aug = stages["base"], stages["sr"], cfg.augment
-    lr_img = downsample(hr, cfg.base.image_size)  # (B, C, 8, 8)
-
-    # base stage: learn the 8x8 images
-    nb = base.cfg.optim.batch_size
-    base_cond = {"y": stage_labels(y[:nb], cfg.base, generator)} if cfg.base.model.num_classes else {}
-    base_stats = train_step(base, lr_img[:nb], base_cond, step, bf16, generator)
-
-    # SR stage: learn 32x32 given the blurred and noised 8x8 version (CDM section 4)
-    ns = sr.cfg.optim.batch_size
-    levels = sample_aug_levels(ns, aug.max_level, generator, hr.device)  # (Bs,)
-    z = blur_low_res(lr_img[:ns], aug.blur_prob, aug.blur_sigma, generator)
-    z = noise_low_res(z, levels, base.diffusion, generator)  # z_s, (Bs, C, 8, 8)
-    target = hr[:ns]
-    if sr.cfg.optim.crop_size:  # patches: crop the target and the resized conditioning alike
-        z = upsample_low_res(z, cfg.sr.image_size, cfg.sr.model.upsample_mode)  # (Bs, C, 32, 32)
-        target, z = random_crop([target, z], sr.cfg.optim.crop_size, generator)
-    cond = sr_cond(z, levels, stage_labels(y[:ns], cfg.sr, generator) if cfg.sr.model.num_classes else None)
-    sr_device = next(sr.model.parameters()).device  # another GPU with train.split_stages
-    target, cond = target.to(sr_device), {k: v.to(sr_device) for k, v in cond.items()}
-    return {"base": base_stats, "sr": train_step(sr, target, cond, step, bf16, generator)}
+    """One step of every trained cascade stage on one batch hr (B, C, S, S) at the top stage's
+    size S, labels y (B,). Stage k takes the first optim.batch_size images of the batch."""
+    stats = {}
+    for stage in stages.values():
+        if stage.index is None:
+            continue
+        n = stage.cfg.optim.batch_size
+        target = downsample(hr[:n], stage.cfg.image_size)  # (n, C, H_k, W_k)
+        labels = stage_labels(y[:n], stage.cfg, generator) if stage.cfg.model.num_classes else None
+        if stage.index == 0:  # the base stage: learn the images at its size
+            cond = {"y": labels} if labels is not None else {}
+        else:  # SR stage k: learn them given the blurred, noised stage k-1 version (CDM section 4)
+            aug = stage.cfg.augment
+            low_res = downsample(hr[:n], cfg.stages[stage.index - 1].image_size)  # (n, C, h, w)
+            levels = sample_aug_levels(n, aug.max_level, generator, hr.device)  # (n,)
+            z = blur_low_res(low_res, aug.blur_prob, aug.blur_sigma, generator)
+            z = noise_low_res(z, levels, stage.low_res_diffusion, generator)  # z_s
+            if stage.cfg.optim.crop_size:  # patches: crop the target and the resized conditioning alike
+                z = upsample_low_res(z, stage.cfg.image_size, stage.cfg.model.upsample_mode)  # (n, C, H_k, W_k)
+                target, z = random_crop([target, z], stage.cfg.optim.crop_size, generator)
+            cond = sr_cond(z, levels, labels)
+        device = next(stage.model.parameters()).device  # its own GPU with train.split_stages
+        target, cond = target.to(device), {k: v.to(device) for k, v in cond.items()}
+        stats[stage.name] = train_step(stage, target, cond, step, bf16, generator)
+    return stats
 
 
 def stage_labels(y: torch.Tensor, stage: StageConfig, generator: torch.Generator) -> torch.Tensor:
@@ -299,7 +335,7 @@ def stage_labels(y: torch.Tensor, stage: StageConfig, generator: torch.Generator
 def run_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y: torch.Tensor,
              step: int, bf16: bool, generator: torch.Generator) -> dict[str, StepStats]:
     """One step of every part this run trains, all on the same batch."""
-    stats = cascade_step(stages, cfg, hr, y, step, bf16, generator) if "base" in stages else {}
+    stats = cascade_step(stages, cfg, hr, y, step, bf16, generator)
     if CLASSIFIER in stages:  # the classifier sees the base stage's images, in [-1, 1]
         n = stages[CLASSIFIER].cfg.optim.batch_size
         x0 = downsample(hr[:n], cfg.base.image_size)  # (Bc, C, 8, 8)
@@ -329,24 +365,26 @@ class StopRequest:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def split_devices(device: torch.device, info: DistInfo) -> tuple[torch.device, torch.device]:
-    """train.split_stages: the base stage on GPU 2k and the SR stage on GPU 2k+1 (k = local
-    rank). The batch is drawn on the base GPU and the SR inputs are copied over; kernels of the
-    two stages then run concurrently on their two GPUs."""
-    needed = 2 * (info.local_rank + 1)
+def split_devices(device: torch.device, info: DistInfo, count: int) -> list[torch.device]:
+    """train.split_stages: stage k of process r on GPU count * r + k. The batch is drawn on the
+    first GPU and each stage's inputs are copied to its own; the stages' kernels then run
+    concurrently on their GPUs."""
+    needed = count * (info.local_rank + 1)
     if device.type != "cuda" or torch.cuda.device_count() < needed:
         raise UserError(f"train.split_stages needs {needed} CUDA devices for this process "
                         f"(found {torch.cuda.device_count() if device.type == 'cuda' else 0})")
-    return torch.device("cuda", 2 * info.local_rank), torch.device("cuda", 2 * info.local_rank + 1)
+    return [torch.device("cuda", count * info.local_rank + k) for k in range(count)]
 
 
 def train(cfg: Config, resume: str | Path | None = None, progress: bool = True,
-          parts: tuple[str, ...] | None = None) -> Path:
-    """Train for cfg.train.steps steps; returns the final checkpoint's path. `parts`: what to
-    train, by default both stages plus the classifier when the config has one; (CLASSIFIER,)
-    trains the classifier alone. Under torchrun, every rank runs this (see cdm/distributed.py)."""
-    if parts is None:
-        parts = STAGES + ((CLASSIFIER,) if cfg.classifier is not None else ())
+          classifier_only: bool = False) -> Path:
+    """Train for cfg.train.steps steps; returns the final checkpoint's path. Trains the stages
+    of cfg.trained_stages, plus the noisy classifier when the config has one and the base is
+    trained; classifier_only trains the classifier alone. Under torchrun, every rank runs this
+    (see cdm/distributed.py)."""
+    parts: list[int | None] = [] if classifier_only else list(cfg.trained_stages)
+    if cfg.classifier is not None and (classifier_only or 0 in parts):
+        parts.append(None)
     # --- choose-once settings
     info, device = setup(resolve_device(cfg.device), cfg.train.split_stages)
     try:
@@ -356,7 +394,7 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool = True,
 
 
 def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.device,
-           parts: tuple[str, ...]) -> Path:
+           parts: list[int | None]) -> Path:
     torch.manual_seed(cfg.seed + info.rank)
     generator = torch.Generator(device).manual_seed(cfg.seed + info.rank)  # data order, t, noise, aug
     bf16 = use_bf16(cfg.train.precision, device)
@@ -367,15 +405,18 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
         torch.backends.cudnn.allow_tf32 = True
 
     # --- data (this rank's slice), models, optimizers, optional resume
-    data = load_data(cfg.data.dataset, cfg.data_root, cfg.data.download, cfg.sr.image_size,
+    data = load_data(cfg.data.dataset, cfg.data_root, cfg.data.download, cfg.stages[-1].image_size,
                      cfg.data.channels, device=device, max_resident_mb=cfg.data.max_resident_mb,
                      workers=cfg.data.workers)
     if info.enabled:
         data = data.shard(info.rank, info.world_size)
-    base_device, sr_device = split_devices(device, info) if cfg.train.split_stages else (device, device)
-    devices = {"base": base_device, "sr": sr_device, CLASSIFIER: base_device}
-    stages = {name: make_stage(cfg, name, devices[name], compile_model, cfg.train.channels_last,
-                               info.enabled) for name in parts}
+    devices = split_devices(device, info, len(cfg.stages)) if cfg.train.split_stages else [device] * len(cfg.stages)
+    stages = {}
+    for index in parts:  # the classifier sits with the base
+        stage = make_stage(cfg, index, devices[index or 0], compile_model, cfg.train.channels_last, info.enabled)
+        stages[stage.name] = stage
+    previewed = [s for s in stages.values() if s.index is not None]
+    real = data.head(cfg.train.num_preview) if previewed and previewed[0].index > 0 else None
     step, metrics = 0, {"skipped_steps": 0, "train_seconds": 0.0, "preview_seconds": 0.0}
     if resume is not None:
         step, metrics = restore(resume, cfg, stages, generator, info)
@@ -427,9 +468,9 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
                     bar.set_postfix(**{name: f"{row[f'{name}_loss']:.4f}" for name in stages},
                                     img_s=f"{row['images_per_s']:.0f}")
                     window_start, window_steps = time.perf_counter(), 0
-                if info.is_main and cfg.train.sample_every and "base" in stages and (
+                if info.is_main and cfg.train.sample_every and previewed and (
                         step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-                    seconds = preview(stages, cfg, step, bf16)
+                    seconds = preview(stages, cfg, step, bf16, real)
                     metrics["preview_seconds"] += seconds
                     window_start += seconds  # images/s counts training time only
                 if step % cfg.train.save_every == 0:
@@ -438,10 +479,9 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
                     interrupted = True
                     break
         except torch.OutOfMemoryError:
-            raise UserError(f"out of memory at step {step} with batch {batch}: lower "
-                            f"base.optim.batch_size / sr.optim.batch_size (e.g. --set "
-                            f"sr.optim.batch_size={max(1, batch // 2)}) and resume from "
-                            f"{ckpt_path}") from None
+            raise UserError(f"out of memory at step {step} with batch {batch}: lower the stages' "
+                            f"optim.batch_size (e.g. --set stages.{len(cfg.stages) - 1}.optim.batch_size="
+                            f"{max(1, batch // 2)}) and resume from {ckpt_path}") from None
         finally:
             bar.close()
     metrics["train_seconds"] += time.perf_counter() - session_start
@@ -453,7 +493,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
         raise SystemExit(130)
     if info.is_main:
         share = 100 * metrics["preview_seconds"] / max(metrics["train_seconds"], 1e-9)
-        grids = f"; grids in {cfg.run_dir / 'samples'}" if "base" in stages else ""
+        grids = f"; grids in {cfg.run_dir / 'samples'}" if previewed else ""
         print(f"done: {step} steps in {metrics['train_seconds']:.0f}s (previews {share:.1f}% of it); "
               f"checkpoint {path}{grids}")
     return path

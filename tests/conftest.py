@@ -27,6 +27,25 @@ def run_script(*args, expect=0):
     return proc
 
 
+def run_in_process(script, *args, expect=0, capsys):
+    """Run a top-level script's __main__ in this process (no interpreter start-up: seconds
+    faster than run_script) with these arguments; assert its exit status, return its output."""
+    import runpy
+    from types import SimpleNamespace
+    old_argv = sys.argv
+    sys.argv = [script, *args]
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = old_argv
+    out, err = capsys.readouterr()
+    assert code == expect, out + err
+    return SimpleNamespace(stdout=out, stderr=err, returncode=code)
+
+
 def assert_one_line_error(proc, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -3,7 +3,7 @@ import torch
 
 from cdm.augment import blur_low_res, noise_low_res, sample_aug_levels, sr_cond
 from cdm.cascade import Stage, sample_cascade
-from cdm.config import DiffusionConfig, ModelConfig, SamplerConfig
+from cdm.config import AugmentConfig, DiffusionConfig, ModelConfig, SamplerConfig, StageConfig
 from cdm.diffusion import GaussianDiffusion
 from cdm.unet import build_unet
 
@@ -66,19 +66,22 @@ def test_truncated_and_non_truncated_give_the_same_z_s(sampler):
     """The base chain stopped at state s - 1 must hand over z_s ~ q(z_s | z_0) exactly as the
     forward corruption of a finished z_0 does: the schedules of base and augmentation line up."""
     d = GaussianDiffusion(DiffusionConfig(timesteps=1000, schedule="cosine"))
-    base = Stage(oracle_base(d), d, SamplerConfig(name=sampler, steps=1000 if sampler == "ddpm" else 50))
+    sampler_cfg = SamplerConfig(name=sampler, steps=1000 if sampler == "ddpm" else 50)
+    base = Stage(0, StageConfig(image_size=2, sampler=sampler_cfg), oracle_base(d), d)
     s, n = 150, 3000
     abar = d.alpha_bar[s - 1].item()
     for mode in ("truncated", "non_truncated"):
         seen = []
-        sr = Stage(recording_sr(seen), GaussianDiffusion(DiffusionConfig(timesteps=10)),
-                   SamplerConfig(steps=1))
-        out = sample_cascade(base, sr, n, s, mode, torch.Generator().manual_seed(0), batch_size=n)
+        sr_cfg = StageConfig(image_size=4, sampler=SamplerConfig(steps=1),
+                             augment=AugmentConfig(aug_level=s, aug_mode=mode))
+        sr = Stage(1, sr_cfg, recording_sr(seen), GaussianDiffusion(DiffusionConfig(timesteps=10)), d)
+        out = sample_cascade([base, sr], n, torch.Generator().manual_seed(0), batch_size=n)
         z_s, levels = seen[0]
         assert (levels == s).all()
         assert z_s.mean().item() == pytest.approx(abar ** 0.5 * C, abs=0.02), mode
         assert z_s.var().item() == pytest.approx(1 - abar, rel=0.08), mode
-        torch.testing.assert_close(out.base, torch.full_like(out.base, C))  # clean estimate
+        torch.testing.assert_close(out.outputs[0], torch.full_like(out.outputs[0], C))  # clean estimate
+        torch.testing.assert_close(out.low_res[1], z_s)
 
 
 def test_sr_cond_carries_labels_only_when_given():

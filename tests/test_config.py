@@ -11,7 +11,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.sr.image_size % cfg.base.image_size == 0
+    sizes = [stage.image_size for stage in cfg.stages]
+    assert all(b > a and b % a == 0 for a, b in zip(sizes, sizes[1:]))
+    assert cfg.stages[0].augment is None and all(s.augment is not None for s in cfg.stages[1:])
 
 
 def test_defaults_are_valid():
@@ -19,9 +21,26 @@ def test_defaults_are_valid():
 
 
 def test_override_sets_a_key_with_its_type():
-    cfg = load_config(None, ["train.steps=200", "sr.optim.lr=3e-4", "base.model.attention_resolutions=[4, 2]"])
-    assert cfg.train.steps == 200 and cfg.sr.optim.lr == 3e-4
-    assert cfg.base.model.attention_resolutions == [4, 2]
+    cfg = load_config(None, ["train.steps=200", "stages.1.optim.lr=3e-4",
+                             "stages.0.model.attention_resolutions=[4, 2]", "stages.1.augment.aug_level=7"])
+    assert cfg.train.steps == 200 and cfg.stages[1].optim.lr == 3e-4
+    assert cfg.base.model.attention_resolutions == [4, 2] and cfg.stages[1].augment.aug_level == 7
+
+
+def test_a_stage_list_from_yaml_and_its_sr_defaults(tmp_path):
+    path = tmp_path / "three.yaml"
+    path.write_text("stages:\n  - {image_size: 8}\n  - {image_size: 16}\n"
+                    "  - {image_size: 32, augment: {max_level: 100}}\n")
+    cfg = load_config(path, ["stages.2.optim.batch_size=3"])
+    assert [s.image_size for s in cfg.stages] == [8, 16, 32]
+    assert cfg.stages[1].augment.max_level == 200  # an SR stage without augment: gets the defaults
+    assert cfg.stages[2].augment.max_level == 100 and cfg.stages[2].optim.batch_size == 3
+    assert cfg.base is cfg.stages[0] and cfg.trained_stages == [0, 1, 2]
+
+
+def test_old_two_stage_keys_are_refused_with_the_new_layout():
+    with pytest.raises(ConfigError, match="config key 'base': the cascade is now a list of stages"):
+        load_config(None, ["base.optim.lr=1e-3"])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -32,18 +51,23 @@ def test_override_sets_a_key_with_its_type():
     (["train.steps=ten"], "config key 'train.steps': expected int, got 'ten'"),
     (["train.steps=1.5"], "config key 'train.steps': expected int"),
     (["train.channels_last=3"], "config key 'train.channels_last': expected bool"),
-    (["base.model.channel_mult=4"], "config key 'base.model.channel_mult': expected a list of int"),
-    (["base.model.attention_resolutions=[16]"], "base.model.attention_resolutions': expected resolutions this UNet reaches [8, 4, 2]"),
-    (["sr.image_size=36"], "sr.image_size"),
-    (["sr.image_size=12"], "'sr.image_size': expected a multiple of base.image_size (8)"),
-    (["augment.max_level=1001"], "'augment.max_level': expected in [0, base T = 1000]"),
-    (["augment.aug_level=300"], "'augment.aug_level': expected in [0, augment.max_level = 200]"),
-    (["augment.aug_mode=half"], "'augment.aug_mode': expected truncated or non_truncated"),
-    (["base.model.norm_groups=48"], "'base.model.norm_groups': expected a divisor"),
-    (["base.diffusion.schedule=sigmoid"], "'base.diffusion.schedule': expected linear or cosine"),
-    (["sr.sampler.steps=0"], "'sr.sampler.steps': expected in [1"),
-    (["base.optim.lr=-1"], "'base.optim.lr': expected > 0"),
-    (["sr.optim.crop_size=10"], "'sr.optim.crop_size': expected 0 or a size <= 32 divisible by 4"),
+    (["stages.0.model.channel_mult=4"], "config key 'stages.0.model.channel_mult': expected a list of int"),
+    (["stages.0.model.attention_resolutions=[16]"], "stages.0.model.attention_resolutions': expected resolutions this UNet reaches [8, 4, 2]"),
+    (["stages.1.image_size=36"], "stages.1.image_size"),
+    (["stages.1.image_size=12"], "'stages.1.image_size': expected a multiple of stages.0.image_size (8)"),
+    (["stages.1.augment.max_level=1001"], "'stages.1.augment.max_level': expected in [0, stages.0.diffusion.timesteps = 1000]"),
+    (["stages.1.augment.aug_level=300"], "'stages.1.augment.aug_level': expected in [0, stages.1.augment.max_level = 200]"),
+    (["stages.1.augment.aug_mode=half"], "'stages.1.augment.aug_mode': expected truncated or non_truncated"),
+    (["stages.0.augment={max_level: 5}"], "'stages.0.augment': expected no augment section on the base stage"),
+    (["stages.0.model.norm_groups=48"], "'stages.0.model.norm_groups': expected a divisor"),
+    (["stages.0.diffusion.schedule=sigmoid"], "'stages.0.diffusion.schedule': expected linear or cosine"),
+    (["stages.1.sampler.steps=0"], "'stages.1.sampler.steps': expected in [1"),
+    (["stages.0.optim.lr=-1"], "'stages.0.optim.lr': expected > 0"),
+    (["stages.1.optim.crop_size=10"], "'stages.1.optim.crop_size': expected 0 or a size <= 32 divisible by 4"),
+    (["stages.5.optim.lr=1"], "'5' is not an index of this list (0..1)"),
+    (["stages=[]"], "config key 'stages': expected a non-empty list of sections"),
+    (["train.stages=[0, 2]"], "'train.stages': expected [] (all) or consecutive, ascending stage indices from [0, 1]"),
+    (["train.stages=[1, 0]"], "'train.stages': expected [] (all) or consecutive"),
     (["train.compile=off"], "'train.compile': expected str, got False"),
     (["device=tpu"], "'device': expected auto, cpu, cuda or cuda:N"),
     (["train.steps"], "expected key.path=value"),

@@ -37,14 +37,14 @@ def nan_on_calls(monkeypatch, bad_calls):
 
 
 def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path, monkeypatch):
-    nan_on_calls(monkeypatch, {2})  # the base stage's loss at step 1 (base, sr alternate)
+    nan_on_calls(monkeypatch, {2})  # the base stage's loss at step 1 (base, sr1 alternate)
     path = train(tiny(tmp_path, "nan", "train.sample_every=0"), progress=False)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["metrics"]["skipped_steps"] == 1
-    for name in ("base", "sr"):
-        assert all(torch.isfinite(v).all() for v in ckpt[name]["model"].values())
+    for entry in ckpt["stages"].values():
+        assert all(torch.isfinite(v).all() for v in entry["model"].values())
     rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["base_skipped"] == 1 and rows[0]["sr_skipped"] == 0
+    assert rows[0]["base_skipped"] == 1 and rows[0]["sr1_skipped"] == 0
     assert rows[0]["base_grad_norm"] > 0
 
 
@@ -58,22 +58,27 @@ def test_repeated_non_finite_losses_stop_the_run_and_keep_the_checkpoint(tmp_pat
 
 
 def test_out_of_memory_in_sampling_retries_with_half_the_batch(tmp_path, monkeypatch, capsys):
+    """The retry redraws from the generator state its batch began with: the samples are those of
+    a run started at the smaller batch size, not a reshuffle of an already-advanced stream."""
     path = train(tiny(tmp_path, "oom", "train.sample_every=0"), progress=False)
     _, stages, _ = load_cascade(path, "cpu")
     original, sizes = cascade._sample_batch, []
 
-    def flaky(base, sr, n, *args):
+    def flaky(stages, n, y, low_res, generator, *args):
         sizes.append(n)
         if n > 3:
+            torch.randn(n, generator=generator)  # out of memory part-way, after drawing noise
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(base, sr, n, *args)
+        return original(stages, n, y, low_res, generator, *args)
 
     monkeypatch.setattr(cascade, "_sample_batch", flaky)
-    out = sample_cascade(stages["base"], stages["sr"], 8, 10, "truncated", torch.Generator().manual_seed(0),
-                         batch_size=8)
+    out = sample_cascade(stages, 8, torch.Generator().manual_seed(0), batch_size=8)
     assert out.images.shape == (8, 1, 32, 32)
     assert sizes[:3] == [8, 4, 2]
     assert "retrying with 4" in capsys.readouterr().err
+    monkeypatch.undo()
+    small = sample_cascade(stages, 8, torch.Generator().manual_seed(0), batch_size=2)
+    torch.testing.assert_close(out.images, small.images)
 
 
 def test_out_of_memory_in_training_names_the_batch_keys(tmp_path, monkeypatch):
@@ -81,7 +86,7 @@ def test_out_of_memory_in_training_names_the_batch_keys(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(train_module, "cascade_step", oom)
-    with pytest.raises(UserError, match=r"out of memory at step 0 with batch 8: lower base.optim.batch_size"):
+    with pytest.raises(UserError, match=r"out of memory at step 0 with batch 8: lower the stages' optim.batch_size"):
         train(tiny(tmp_path, "oom2"), progress=False)
 
 
@@ -121,9 +126,9 @@ def test_sigkill_mid_training_resumes_like_an_uninterrupted_run(tmp_path):
                           "train.sample_every=0", "train.log_every=5"), progress=False)
     a, b = torch.load(ckpt_path, weights_only=True), torch.load(straight, weights_only=True)
     assert a["step"] == b["step"] == final
-    for name in ("base", "sr"):
-        for key, value in a[name]["ema"].items():
-            assert torch.equal(value, b[name]["ema"][key]), key
+    for index in (0, 1):
+        for key, value in a["stages"][index]["ema"].items():
+            assert torch.equal(value, b["stages"][index]["ema"][key]), key
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -16,11 +16,11 @@ from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, check_fits, loa
 from cdm.train import make_stage, run_step, train
 from cdm.unet import build_unet
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_in_process, run_script
 
 GUIDED = ["classifier={model: {channels: 16, norm_groups: 8, num_heads: 2}, "
           "optim: {batch_size: 16, lr: 3.0e-3, warmup_steps: 2, ema_decay: 0.9}}",
-          "base.model.num_classes=10", "base.model.label_dropout=0.2"]
+          "stages.0.model.num_classes=10", "stages.0.model.label_dropout=0.2"]
 
 
 def guided_cfg(tmp_path, *extra):
@@ -75,7 +75,7 @@ def test_null_label_is_its_own_embedding_and_label_dropout_rates():
     ("classifier.model.num_classes=10", "config key 'classifier.model.num_classes': expected 0"),
     ("classifier.optim.lr=-1", "config key 'classifier.optim.lr'"),
     ("classifier.modle={}", "unknown config key 'classifier.modle' (did you mean 'classifier.model'?)"),
-    ("sr.model.label_dropout=0.1", "config key 'sr.model.label_dropout': expected 0 unless"),
+    ("stages.1.model.label_dropout=0.1", "config key 'stages.1.model.label_dropout': expected 0 unless"),
     ("guidance.cfg_scale=-1", "config key 'guidance.cfg_scale'"),
 ])
 def test_bad_guidance_configs_name_the_key(override, message):
@@ -90,7 +90,7 @@ def test_classifier_trains_on_the_base_forward_process_in_model_range(tmp_path):
     """All-background digits are -1 everywhere, so the classifier's inputs must have mean
     -sqrt(abar_t) at base size: [0, 1] data, or 32x32 inputs, would fail this."""
     cfg = guided_cfg(tmp_path, "classifier.optim.batch_size=64")
-    stages = {CLASSIFIER: make_stage(cfg, CLASSIFIER, torch.device("cpu"), False, False)}
+    stages = {CLASSIFIER: make_stage(cfg, None, torch.device("cpu"), False, False)}
     seen = []
     stages[CLASSIFIER].model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs))
     hr = torch.full((64, 1, 32, 32), -1.0)
@@ -117,11 +117,11 @@ def test_classifier_trained_in_the_same_run_learns_and_loads(guided_run):
 
 def test_classifier_trains_alone_and_its_checkpoint_is_not_a_cascade(tmp_path):
     cfg = guided_cfg(tmp_path, "train.steps=3", "run_name=alone")
-    path = train(cfg, progress=False, parts=(CLASSIFIER,))
+    path = train(cfg, progress=False, classifier_only=True)
     ckpt = torch.load(path, weights_only=True)
-    assert CLASSIFIER in ckpt and "base" not in ckpt
+    assert CLASSIFIER in ckpt and ckpt["stages"] == {}
     load_noisy_classifier(path, "cpu")
-    with pytest.raises(CheckpointError, match=r"missing entries \['base', 'sr'\]"):
+    with pytest.raises(CheckpointError, match=r"holds stages \[\], not \[0, 1\]"):
         load_cascade(path, "cpu")
 
 
@@ -160,14 +160,13 @@ def test_guided_cascade_samples_are_more_likely_under_the_classifier(guided_run)
     labels = torch.arange(20) % 10
 
     def draw(scale):
-        return sample_cascade(stages["base"], stages["sr"], 20, 0, "truncated", labels=labels,
-                              generator=torch.Generator().manual_seed(0),
+        return sample_cascade(stages, 20, labels=labels, generator=torch.Generator().manual_seed(0),
                               guidance=Guidance(classifier=classifier, classifier_scale=scale))
 
     plain, guided = draw(0.0), draw(20.0)
     zero = torch.zeros(20, dtype=torch.long)
-    before = log_prob(classifier, plain.base, zero, labels).mean()
-    assert log_prob(classifier, guided.base, zero, labels).mean() > before + 0.1
+    before = log_prob(classifier, plain.outputs[0], zero, labels).mean()
+    assert log_prob(classifier, guided.outputs[0], zero, labels).mean() > before + 0.1
     assert torch.equal(guided.labels, labels) and guided.images.shape == (20, 1, 32, 32)
 
 
@@ -186,13 +185,66 @@ def test_cfg_weight_zero_is_the_conditional_model_and_w_mixes_with_null():
 
 def test_cascade_with_cfg_zero_equals_plain_conditional_sampling(guided_run):
     cfg, stages, _ = load_cascade(guided_run, "cpu")
-    out = [sample_cascade(stages["base"], stages["sr"], 6, 0, "truncated",
-                          generator=torch.Generator().manual_seed(0), guidance=guidance).images
+    out = [sample_cascade(stages, 6, generator=torch.Generator().manual_seed(0), guidance=guidance).images
            for guidance in (None, Guidance(cfg_scale=0.0))]
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
-    stronger = sample_cascade(stages["base"], stages["sr"], 6, 0, "truncated",
-                              generator=torch.Generator().manual_seed(0), guidance=Guidance(cfg_scale=3.0))
+    stronger = sample_cascade(stages, 6, generator=torch.Generator().manual_seed(0), guidance=Guidance(cfg_scale=3.0))
     assert not torch.allclose(out[0], stronger.images)
+
+
+def test_truncated_base_estimate_comes_from_the_guided_model(guided_run):
+    """In truncated mode the base's clean output (grids, .npz) is the x0 prediction at the
+    hand-over state, made by the same guided model that ran the chain."""
+    _, stages, _ = load_cascade(guided_run, "cpu")
+    stages[1].cfg.augment.aug_level, stages[1].cfg.augment.aug_mode = 100, "truncated"
+    guidance, labels = Guidance(cfg_scale=3.0), torch.arange(4)
+    out = sample_cascade(stages, 4, torch.Generator().manual_seed(0), labels=labels, guidance=guidance)
+    base, gen = stages[0], torch.Generator().manual_seed(0)
+    model = classifier_free(base.model, 3.0, 10)
+    noise = torch.randn(4, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        z_s = base.diffusion.sample(model, noise, {"y": labels}, base.cfg.sampler, end=99, generator=gen)
+        x0 = base.diffusion.model_predictions(model, z_s, torch.full((4,), 99), {"y": labels}, True).x0
+    torch.testing.assert_close(out.low_res[1], z_s)
+    torch.testing.assert_close(out.outputs[0], x0)
+
+
+class ReadsAs(torch.nn.Module):
+    """A stand-in noisy classifier that reads every image as class `c`, counting its calls."""
+
+    num_classes = 10
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c, self.calls = c, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return F.one_hot(torch.full((len(x),), self.c), 10).float()
+
+
+def test_redraw_draws_again_only_what_the_classifier_misreads(guided_run):
+    _, stages, _ = load_cascade(guided_run, "cpu")
+    labels = torch.tensor([0, 0, 5, 7])
+    plain = sample_cascade(stages, 4, torch.Generator().manual_seed(0), labels=labels)
+    reader = ReadsAs(0)
+    out = sample_cascade(stages, 4, torch.Generator().manual_seed(0), labels=labels,
+                         guidance=Guidance(classifier=reader, redraw=2))
+    assert reader.calls == 2  # two rounds: the 5 and the 7 stay misread by this reader
+    assert torch.equal(out.images[:2], plain.images[:2])  # read as asked: kept
+    assert not torch.allclose(out.images[2:], plain.images[2:])  # misread: drawn again
+    assert not torch.allclose(out.outputs[0][2:], plain.outputs[0][2:])  # with their base outputs
+
+
+def test_cfg_interval_guides_only_inside_it():
+    model = conditional_unet()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 999]), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        full = classifier_free(model, 3.0, 10)(x, t, y=y)
+        plain = model(x, t, y=y)
+        inside = classifier_free(model, 3.0, 10, interval=(200, 700))(x, t, y=y)
+    torch.testing.assert_close(inside[[1, 2]], full[[1, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inside[[0, 3]], plain[[0, 3]], atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------- sample.py
@@ -236,50 +288,53 @@ def test_sample_guidance_flags_fail_with_one_line(guided_run, flags, message):
     assert_one_line_error(proc, message)
 
 
-def test_unconditional_checkpoint_refuses_labels_and_cfg(tmp_path):
+def test_unconditional_checkpoint_refuses_labels_and_cfg(tmp_path, capsys):
     path = train(load_config(ROOT / "configs" / "tiny.yaml", [
         f"out_dir={tmp_path}", "data.download=false", "train.steps=1", "train.sample_every=0"]),
         progress=False)
     for flags, message in ((["--labels", "3"], "--labels/--class-grid need a class-conditional"),
                            (["--guidance-scale", "3"], "--guidance-scale needs --classifier PATH"),
                            (["--cfg-scale", "1"], "--cfg-scale needs a class-conditional checkpoint"),
-                           (["--classifier", str(path)], "missing entries ['classifier']")):
-        proc = run_script("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2)
+                           (["--classifier", str(path)], "holds no noisy classifier")):
+        proc = run_in_process("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2,
+                              capsys=capsys)
         assert_one_line_error(proc, message)
 
 
 def test_classifier_for_another_base_schedule_is_refused(guided_run, tmp_path):
-    cascade = guided_cfg(tmp_path, "base.diffusion.schedule=linear")
+    cascade = guided_cfg(tmp_path, "stages.0.diffusion.schedule=linear")
     _, classifier_cfg = load_noisy_classifier(guided_run, "cpu")
     check_fits(classifier_cfg, guided_cfg(tmp_path), guided_run)  # the cascade it was made for
-    with pytest.raises(UserError, match="trained with base.diffusion"):
+    with pytest.raises(UserError, match="trained with stages.0.diffusion"):
         check_fits(classifier_cfg, cascade, guided_run)
 
 
 def test_conditional_sr_stage_trains_with_label_dropout_and_samples_under_cfg(tmp_path):
-    cfg = guided_cfg(tmp_path, "sr.model.num_classes=10", "sr.model.label_dropout=0.5",
+    cfg = guided_cfg(tmp_path, "stages.1.model.num_classes=10", "stages.1.model.label_dropout=0.5",
                      "train.steps=2", "train.sample_every=0")
     _, stages, _ = load_cascade(train(cfg, progress=False), "cpu")
-    assert stages["sr"].model.num_classes == 10
+    assert stages[1].model.num_classes == 10
     labels = torch.tensor([1, 4, 9])
-    out = sample_cascade(stages["base"], stages["sr"], 3, 0, "truncated", labels=labels,
-                         generator=torch.Generator().manual_seed(0), guidance=Guidance(cfg_scale=2.0))
+    out = sample_cascade(stages, 3, labels=labels, generator=torch.Generator().manual_seed(0),
+                         guidance=Guidance(cfg_scale=2.0))
     assert out.images.shape == (3, 1, 32, 32) and torch.isfinite(out.images).all()
     assert torch.equal(out.labels, labels)
 
 
-def test_asked_labels_follow_the_checkpoints_stored_guidance_and_no_guidance_turns_it_off(guided_run, tmp_path):
+def test_asked_labels_follow_the_checkpoints_stored_guidance_and_no_guidance_turns_it_off(guided_run, tmp_path,
+                                                                                           capsys):
     """`--labels 3` alone samples with the stored guidance.cfg_scale (the published conditional
     cascade stores the measured default), exactly as when it is given; --no-guidance is unguided."""
-    stored = export_ema(guided_run, tmp_path / "cfg2.pt", ["guidance.cfg_scale=2"])
+    stored = export_ema(guided_run, tmp_path / "cfg2.pt", ["guidance.cfg_scale=2", "guidance.redraw=2"])
     runs = {"default": [], "explicit": ["--cfg-scale", "2"], "off": ["--no-guidance"],
-            "zero": ["--cfg-scale", "0"]}
+            "zero": ["--cfg-scale", "0", "--redraw", "0"]}
     images = {}
     for name, flags in runs.items():
-        proc = run_script("sample.py", "--checkpoint", str(stored), "--labels", "3", "--num-samples",
-                          "4", "--out", str(tmp_path / name), "--device", "cpu", *flags)
+        proc = run_in_process("sample.py", "--checkpoint", str(stored), "--labels", "3", "--num-samples",
+                              "4", "--out", str(tmp_path / name), "--device", "cpu", *flags, capsys=capsys)
         images[name] = np.load(tmp_path / name / "samples.npz")["images"]
         assert ("cfg_scale 0.0" in proc.stdout) == (name in ("off", "zero"))
+        assert ("redraw 2" in proc.stdout) == (name in ("default", "explicit"))  # its own classifier
     assert np.array_equal(images["default"], images["explicit"])
     assert np.array_equal(images["off"], images["zero"])
     assert not np.array_equal(images["default"], images["off"])
@@ -287,10 +342,10 @@ def test_asked_labels_follow_the_checkpoints_stored_guidance_and_no_guidance_tur
 
 def test_cfg_and_the_null_label_need_label_dropout(tmp_path):
     with pytest.raises(ConfigError, match="config key 'guidance.cfg_scale': expected 0 unless "
-                                          "base.model.label_dropout > 0"):
-        guided_cfg(tmp_path, "base.model.label_dropout=0", "guidance.cfg_scale=1")
-    path = train(guided_cfg(tmp_path, "base.model.label_dropout=0", "classifier=null", "train.steps=1",
+                                          "stages.0.model.label_dropout > 0"):
+        guided_cfg(tmp_path, "stages.0.model.label_dropout=0", "guidance.cfg_scale=1")
+    path = train(guided_cfg(tmp_path, "stages.0.model.label_dropout=0", "classifier=null", "train.steps=1",
                             "train.sample_every=0"), progress=False)
     for flags in (["--unconditional"], ["--cfg-scale", "2"]):
         proc = run_script("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2)
-        assert_one_line_error(proc, "need a base trained with label dropout (base.model.label_dropout > 0)")
+        assert_one_line_error(proc, "need a base trained with label dropout (stages.0.model.label_dropout > 0)")

@@ -13,7 +13,7 @@ from conftest import ROOT
 def test_tiny_stage_overfits_one_batch(tiny_cfg):
     torch.manual_seed(0)
     tiny_cfg.base.optim.lr = 2e-3
-    stage = make_stage(tiny_cfg, "base", torch.device("cpu"), compile_model=False, channels_last=False)
+    stage = make_stage(tiny_cfg, 0, torch.device("cpu"), compile_model=False, channels_last=False)
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.rand(1, 1, 8, 8, generator=gen) * 2 - 1).repeat(8, 1, 1, 1)  # one image to memorise
     t_eval = torch.linspace(100, 999, 8).long()  # at t ~ 0 even a perfect memoriser must guess eps
@@ -37,7 +37,7 @@ def test_learning_rate_warms_up_linearly(tiny_cfg):
 
 
 def test_ema_decay_warms_up(tiny_cfg):
-    stage = tiny_cfg.sr  # ema_decay = 0.9
+    stage = tiny_cfg.stages[1]  # ema_decay = 0.9
     assert ema_decay(0, stage) == pytest.approx(0.1)
     assert ema_decay(10, stage) == pytest.approx(11 / 20)
     assert ema_decay(10_000, stage) == pytest.approx(0.9)
@@ -58,28 +58,29 @@ def test_stage_meter_buckets_by_quartile_and_ignores_skipped_steps():
 def test_cascade_trains_on_mnist_and_loss_falls(tiny_cfg):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"out_dir={tiny_cfg.out_dir}", "data.download=false", "train.steps=60", "train.log_every=20",
-        "train.sample_every=0", "train.save_every=60", "base.optim.batch_size=32", "sr.optim.batch_size=16"])
+        "train.sample_every=0", "train.save_every=60", "stages.0.optim.batch_size=32",
+        "stages.1.optim.batch_size=16"])
     path = train(cfg, progress=False)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [20, 40, 60]
-    for stage in ("base", "sr"):
+    for stage in ("base", "sr1"):
         assert rows[-1][f"{stage}_loss"] < 0.7 * rows[0][f"{stage}_loss"], stage
     assert path.exists() and (cfg.run_dir / "config.yaml").exists()
 
 
 def state_tensors(ckpt: dict):
-    for stage in ("base", "sr"):
+    for index, entry in sorted(ckpt["stages"].items()):
         for part in ("model", "ema"):
-            yield from ckpt[stage][part].items()
-        for pid, state in ckpt[stage]["optimizer"]["state"].items():
-            yield from ((f"{stage}.opt.{pid}.{k}", v) for k, v in state.items())
+            yield from ((f"{index}.{part}.{k}", v) for k, v in entry[part].items())
+        for pid, state in entry["optimizer"]["state"].items():
+            yield from ((f"{index}.opt.{pid}.{k}", v) for k, v in state.items())
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     def cfg(run, steps):
         return load_config(ROOT / "configs" / "tiny.yaml", [
             f"out_dir={tmp_path}", f"run_name={run}", "data.download=false", f"train.steps={steps}",
-            "base.model.dropout=0.1", "sr.model.dropout=0.1", "sr.optim.crop_size=16"])
+            "stages.0.model.dropout=0.1", "stages.1.model.dropout=0.1", "stages.1.optim.crop_size=16"])
 
     straight = torch.load(train(cfg("straight", 4), progress=False), weights_only=True)
     half = train(cfg("resumed", 2), progress=False)
@@ -95,12 +96,12 @@ def test_checkpoint_rebuilds_the_cascade_from_config_alone(tiny_cfg):
     path = train(tiny_cfg, progress=False)
     cfg, stages, ckpt = load_cascade(path, "cpu")
     assert cfg == tiny_cfg
-    for name, stage in stages.items():
+    for stage in stages:
         for key, value in stage.model.state_dict().items():
-            assert torch.equal(value, ckpt[name]["ema"][key]), key
+            assert torch.equal(value, ckpt["stages"][stage.index]["ema"][key]), key
     x = torch.randn(2, 1, 8, 8)
-    again = load_cascade(path, "cpu")[1]["base"].model
-    torch.testing.assert_close(stages["base"].model(x, torch.tensor([3, 700])),
+    again = load_cascade(path, "cpu")[1][0].model
+    torch.testing.assert_close(stages[0].model(x, torch.tensor([3, 700])),
                                again(x, torch.tensor([3, 700])), rtol=0, atol=0)
 
 
@@ -112,5 +113,5 @@ def test_gpu_code_paths_on_cpu_compile_bf16_channels_last(tmp_path):
     path = train(cfg, progress=False)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["metrics"]["skipped_steps"] == 0
-    assert not any(k.startswith("_orig_mod") for k in ckpt["base"]["model"])  # the uncompiled module is saved
+    assert not any(k.startswith("_orig_mod") for k in ckpt["stages"][0]["model"])  # the uncompiled module is saved
     assert (cfg.run_dir / "samples" / "cascade_step000002.png").exists()
