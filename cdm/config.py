@@ -44,6 +44,8 @@ class ModelConfig:
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per level
     num_res_blocks: int = 2  # residual blocks per level (the decoder has one more)
     attention_resolutions: list[int] = field(default_factory=list)  # feature sizes with self-attention
+    mid_attention: bool = True  # self-attention in the middle block (at the lowest resolution); off:
+    # fully convolutional, so a stage trained on patches sees the same operations at full size
     num_heads: int = 4  # attention heads
     dropout: float = 0.0  # dropout inside residual blocks
     norm_groups: int = 32  # GroupNorm groups (must divide every level's width)
@@ -130,7 +132,9 @@ class GuidanceConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 10000  # optimizer steps (both stages step once per batch)
+    steps: int = 10000  # optimizer steps (every stage steps once per batch)
+    max_minutes: float = 0.0  # >0: stop earlier, at the first step after this much training time
+    # (previews excluded; summed over resumes): runs compared at equal wall time
     log_every: int = 50  # steps between log lines / metrics.jsonl rows
     sample_every: int = 1000  # steps between preview grids (0 disables)
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
@@ -187,6 +191,7 @@ class Config:
                g.cfg_scale)
         t = self.train
         _check(t.steps > 0, "train.steps", "> 0", t.steps)
+        _check(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0: no limit)", t.max_minutes)
         for key in ("log_every", "save_every"):
             _check(getattr(t, key) > 0, f"train.{key}", "> 0", getattr(t, key))
         _check(t.sample_every >= 0, "train.sample_every", ">= 0 (0 disables)", t.sample_every)
@@ -303,7 +308,7 @@ def _validate_model(m: ModelConfig, image_size: int, name: str) -> None:
         width = m.channels * mult
         _check(width % m.norm_groups == 0, f"{name}.model.norm_groups",
                f"a divisor of every level's width ({width} at mult {mult})", m.norm_groups)
-        if m.attention_resolutions:
+        if m.attention_resolutions or m.mid_attention:
             _check(width % m.num_heads == 0, f"{name}.model.num_heads",
                    f"a divisor of every level's width ({width})", m.num_heads)
     _check(0.0 <= m.dropout < 1.0, f"{name}.model.dropout", "in [0, 1)", m.dropout)

@@ -43,7 +43,7 @@ def save_cascade_grids(samples: CascadeSamples, out_dir: str | Path, suffix: str
     chains = torch.stack([to_unit_range(nearest_up(x.to(final.device), size)).cpu() for x in columns],
                          dim=1)  # (N, columns, C, size, size)
     paths["side_by_side"] = out_dir / f"side_by_side{suffix}.png"
-    save_image(chains.flatten(0, 1), paths["side_by_side"], nrow=len(columns) * max(1, 8 // len(columns)),
+    save_image(chains.flatten(0, 1), paths["side_by_side"], nrow=len(columns) * max(2, 16 // len(columns)),
                padding=2, pad_value=0.5)
     return paths
 

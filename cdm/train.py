@@ -432,6 +432,11 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
             save_checkpoint(checkpoint_payload(cfg, stages, step, rng_states, metrics), ckpt_path)
         return ckpt_path
 
+    def out_of_time() -> bool:
+        """train.max_minutes of training time (this session's plus earlier ones') are used up."""
+        used = metrics["train_seconds"] - metrics["preview_seconds"] + time.perf_counter() - session_start
+        return bool(cfg.train.max_minutes) and used >= 60 * cfg.train.max_minutes
+
     def stop_now(requested: bool) -> bool:
         """A single process stops at once; ranks agree at log steps, so none waits on another."""
         if not info.enabled:
@@ -443,7 +448,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
                desc=cfg.run_name, dynamic_ncols=True)
     log_path = cfg.run_dir / "metrics.jsonl" if info.is_main else Path(os.devnull)
     window_start, window_steps, session_start = time.perf_counter(), 0, time.perf_counter()
-    interrupted = False
+    interrupted = timed_out = False
     with StopRequest() as stop, log_path.open("a") as log_file:
         try:
             while step < cfg.train.steps:
@@ -478,12 +483,17 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
                 if stop_now(stop.requested):
                     interrupted = True
                     break
+                if stop_now(out_of_time()):
+                    timed_out = True
+                    break
         except torch.OutOfMemoryError:
             raise UserError(f"out of memory at step {step} with batch {batch}: lower the stages' "
                             f"optim.batch_size (e.g. --set stages.{len(cfg.stages) - 1}.optim.batch_size="
                             f"{max(1, batch // 2)}) and resume from {ckpt_path}") from None
         finally:
             bar.close()
+    if timed_out and info.is_main and cfg.train.sample_every and previewed and step % cfg.train.sample_every:
+        metrics["preview_seconds"] += preview(stages, cfg, step, bf16, real)  # the grids of the last step
     metrics["train_seconds"] += time.perf_counter() - session_start
     path = save()
     if interrupted:
@@ -494,6 +504,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     if info.is_main:
         share = 100 * metrics["preview_seconds"] / max(metrics["train_seconds"], 1e-9)
         grids = f"; grids in {cfg.run_dir / 'samples'}" if previewed else ""
-        print(f"done: {step} steps in {metrics['train_seconds']:.0f}s (previews {share:.1f}% of it); "
+        limit = f" (train.max_minutes = {cfg.train.max_minutes:g} reached)" if timed_out else ""
+        print(f"done: {step} steps{limit} in {metrics['train_seconds']:.0f}s (previews {share:.1f}% of it); "
               f"checkpoint {path}{grids}")
     return path

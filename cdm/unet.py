@@ -133,7 +133,7 @@ def attention(cfg: ModelConfig, width: int) -> AttentionBlock:
 class Encoder(nn.Module):
     """The UNet's first half: the time embedding, the input conv, per level `num_res_blocks`
     residual blocks (with attention at `attention_resolutions`) and a downsample, then the
-    middle block. The UNet adds the decoder; the noisy classifier adds a pooling head."""
+    middle block (residual, attention unless mid_attention is off, residual). The UNet adds the decoder; the noisy classifier adds a pooling head."""
 
     def __init__(self, cfg: ModelConfig, image_size: int, in_channels: int):
         super().__init__()
@@ -155,8 +155,8 @@ class Encoder(nn.Module):
                 self.down.append(EmbedSequential(Downsample(width)))
                 self.skip_widths.append(width)
                 size //= 2
-        self.middle = EmbedSequential(res_block(cfg, width, width), attention(cfg, width),
-                                      res_block(cfg, width, width))
+        middle = [attention(cfg, width)] if cfg.mid_attention else []
+        self.middle = EmbedSequential(res_block(cfg, width, width), *middle, res_block(cfg, width, width))
         self.width, self.size = width, size  # at the bottom of the U
 
     def embed_mlp(self) -> nn.Module:

@@ -115,3 +115,12 @@ def test_gpu_code_paths_on_cpu_compile_bf16_channels_last(tmp_path):
     assert ckpt["metrics"]["skipped_steps"] == 0
     assert not any(k.startswith("_orig_mod") for k in ckpt["stages"][0]["model"])  # the uncompiled module is saved
     assert (cfg.run_dir / "samples" / "cascade_step000002.png").exists()
+
+
+def test_max_minutes_stops_early_with_a_checkpoint_and_a_final_grid(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"out_dir={tmp_path}", "data.download=false", "train.steps=1000", "train.sample_every=500",
+        "train.max_minutes=0.0001"])
+    ckpt = torch.load(train(cfg, progress=False), weights_only=True)
+    assert ckpt["step"] == 1  # 6 ms of training time: the first step already used it up
+    assert (cfg.run_dir / "samples" / "cascade_step000001.png").is_file()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cdm.config import ModelConfig
-from cdm.unet import build_unet
+from cdm.unet import AttentionBlock, build_unet
 
 SMALL = ModelConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4],
                     num_heads=2, norm_groups=8)
@@ -34,6 +34,16 @@ def test_sr_accepts_patches_with_resized_conditioning():
     out = sr(torch.randn(2, 1, 16, 16), torch.tensor([3, 4]), low_res=torch.randn(2, 1, 16, 16),
              aug_level=torch.tensor([1, 2]))
     assert out.shape == (2, 1, 16, 16)
+
+
+def test_mid_attention_off_makes_the_unet_fully_convolutional():
+    """model.mid_attention: false removes the one attention block an SR UNet without
+    attention_resolutions has; the default keeps it (old checkpoints hold its weights)."""
+    cfg = ModelConfig(channels=8, channel_mult=[1, 2], num_res_blocks=1, norm_groups=8, num_heads=2)
+    with_attention = build_unet(cfg, 32, 1, super_res=True)
+    without = build_unet(ModelConfig(**{**cfg.__dict__, "mid_attention": False}), 32, 1, super_res=True)
+    assert any(isinstance(m, AttentionBlock) for m in with_attention.modules())
+    assert not any(isinstance(m, AttentionBlock) for m in without.modules())
 
 
 def test_output_is_zero_at_init():
