@@ -10,8 +10,18 @@ from cdm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-if "CDM_DATA_ROOT" not in os.environ and SHARED_DATA.is_dir():
-    os.environ["CDM_DATA_ROOT"] = str(SHARED_DATA)
+if "CDM_DATA_ROOT" not in os.environ:  # CI's copy beside the clone, else the project's data/
+    os.environ["CDM_DATA_ROOT"] = str(SHARED_DATA if SHARED_DATA.is_dir() else ROOT / "data")
+
+
+def pytest_sessionstart(session):
+    """A fresh clone with internet: fetch MNIST into $CDM_DATA_ROOT once, before any test (the
+    tests themselves never download)."""
+    from torchvision.datasets import MNIST
+    root = os.environ["CDM_DATA_ROOT"]
+    if not (Path(root) / "MNIST" / "raw").is_dir():
+        for train in (True, False):
+            MNIST(root, train=train, download=True)
 
 
 @pytest.fixture
