@@ -147,19 +147,21 @@ def export_ema(src: str | os.PathLike, dst: str | os.PathLike, overrides: list[s
 
 def combine(paths: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
     """One cascade from files that trained different stages (train.stages / --stages): each
-    stage, and its part of the config, comes from the file that holds it; everything else
-    (data, guidance, train, the classifier, RNG state) from the first file. Refuses stages that
-    do not chain: a stage must have been trained on exactly the sizes, channels and schedule of
-    the stage before it that the combined cascade uses."""
+    stage, and its part of the config, comes from the last file that holds it (so a later file
+    can replace a stage of a whole cascade, e.g. a retrained SR stage); everything else (data,
+    guidance, train, the classifier, RNG state) from the first file. Refuses files that
+    contribute no stage and stages that do not chain: a stage must have been trained on exactly
+    the sizes, channels and schedule of the stage before it that the combined cascade uses."""
     ckpts = [load_checkpoint(p, stages=[]) for p in paths]
     configs = [checkpoint_config(c, p) for c, p in zip(ckpts, paths)]
     owner: dict[int, int] = {}  # stage index -> which file holds it
     for k, ckpt in enumerate(ckpts):
         for i in ckpt["stages"]:
-            if i in owner:
-                raise CheckpointError(f"combine: stage {i} is in both '{paths[owner[i]]}' and "
-                                      f"'{paths[k]}'; give each stage once")
             owner[i] = k
+    unused = [str(paths[k]) for k in range(len(paths)) if k not in owner.values()]
+    if unused:
+        raise CheckpointError(f"combine: every stage of '{unused[0]}' is replaced by a later file; "
+                              f"leave it out")
     count = len(configs[0].stages)
     if sorted(owner) != list(range(count)):
         missing = sorted(set(range(count)) - set(owner))

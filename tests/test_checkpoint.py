@@ -109,11 +109,13 @@ def test_a_format_1_checkpoint_is_converted_on_load(tiny_ckpt, tmp_path):
 
 
 def test_combine_refuses_overlap_gaps_and_stages_that_do_not_chain(tiny_ckpt, tmp_path):
-    with pytest.raises(CheckpointError, match="stage 0 is in both"):
+    with pytest.raises(CheckpointError, match="every stage of .* is replaced by a later file"):
         checkpoint.combine([tiny_ckpt, tiny_ckpt], tmp_path / "x.pt")
     ckpt = torch.load(tiny_ckpt, weights_only=True)
-    only_sr = dict(ckpt, stages={1: ckpt["stages"][1]})
+    only_sr = dict(ckpt, stages={1: dict(ckpt["stages"][1], step=99)})
     torch.save(only_sr, tmp_path / "sr.pt")
+    replaced = torch.load(checkpoint.combine([tiny_ckpt, tmp_path / "sr.pt"], tmp_path / "r.pt"), weights_only=True)
+    assert replaced["stages"][0]["step"] == ckpt["stages"][0]["step"] and replaced["stages"][1]["step"] == 99
     with pytest.raises(CheckpointError, match=r"no file holds stage\(s\) \[0\]"):
         checkpoint.combine([tmp_path / "sr.pt"], tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match=r"holds stages \[1\], not \[0\].*combine it with"):
