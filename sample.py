@@ -160,15 +160,15 @@ def main() -> None:
 
     device = resolve_device(args.device)
     cfg, stages, ckpt = load_cascade(args.checkpoint, device, use_ema=not args.raw_weights)
-    for stage in stages[1:]:
-        aug = with_augment(stage, aug_level=args.aug_level, aug_mode=args.aug_mode).cfg.augment
-        if not 0 <= aug.aug_level <= aug.max_level:
-            raise UserError(f"--aug-level {aug.aug_level}: SR stage {stage.index} was trained on "
-                            f"levels 0..{aug.max_level}; choose one in that range")
     stages = [with_sampler(with_augment(stage, aug_level=args.aug_level, aug_mode=args.aug_mode),
                            name=(args.base_sampler if stage.index == 0 else args.sr_sampler) or args.sampler,
                            eta=args.eta, steps=(args.base_steps if stage.index == 0 else args.sr_steps) or args.steps)
               for stage in stages]
+    for stage in stages[1:]:
+        aug = stage.cfg.augment
+        if not 0 <= aug.aug_level <= aug.max_level:
+            raise UserError(f"--aug-level {aug.aug_level}: SR stage {stage.index} was trained on "
+                            f"levels 0..{aug.max_level}; choose one in that range")
     given, reference, first = low_res_input(args, cfg, device)
     until = len(stages) - 1 if args.until is None else args.until
     if not first <= until < len(stages):
