@@ -23,9 +23,10 @@ taken as the high-res truth: they are downsampled to the base size first, and si
 shows truth | input | every stage.
 Labels need a class-conditional checkpoint (cfg-scale: classifier-free guidance) or a noisy
 classifier (--classifier: classifier guidance), or both. The defaults are the checkpoint's
-guidance section: the published conditional cascade guides labels with CFG w = 0.4 and redraws
-the few base samples its own noisy classifier reads as another digit (guidance.redraw 3; README
-9.6: 99% of its digits read as asked); --no-guidance turns all of it off.
+guidance section: the published conditional cascade guides labels with CFG w = 0.3 and redraws
+the base samples its own noisy classifier reads as another digit, or as the asked one with
+p < 0.9 (guidance.redraw 5, redraw_confidence 0.9; docs/results.md 9.6: 99.5% / 99.2% of its
+digits read as asked); --no-guidance turns all of it off.
 """
 import argparse
 import time
@@ -41,8 +42,7 @@ from cdm.datasets import load_images
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale
 from cdm.grids import save_cascade_grids, save_labelled_grid
 from cdm.guidance import Guidance
-from cdm.checkpoint import CLASSIFIER
-from cdm.noisy_classifier import check_fits, load_noisy_classifier
+from cdm.noisy_classifier import default_guidance, load_noisy_classifier
 from cdm.runtime import resolve_device, use_bf16
 
 
@@ -83,22 +83,18 @@ def make_guidance(args, cfg, ckpt: dict, base_classes: int, device) -> tuple[Gui
                              or args.redraw is not None):
         raise UserError("--no-guidance samples unguided: drop --classifier, --guidance-scale, "
                         "--cfg-scale and --redraw, or drop --no-guidance")
-    redraw = cfg.guidance.redraw if args.redraw is None else args.redraw
-    classifier, source = None, args.classifier
-    if source is None and redraw and base_classes and CLASSIFIER in ckpt and not args.no_guidance:
-        source = args.checkpoint  # the checkpoint's own noisy classifier checks the asked labels
-    if source:
-        classifier, classifier_cfg = load_noisy_classifier(source, device)
-        check_fits(classifier_cfg, cfg, source)
-    elif args.guidance_scale is not None:
+    if args.guidance_scale is not None and not args.classifier:
         raise UserError("--guidance-scale needs --classifier PATH (a checkpoint holding a noisy classifier)")
-    cfg_scale = cfg.guidance.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    classifier_scale = cfg.guidance.classifier_scale if args.guidance_scale is None else args.guidance_scale
-    num_classes = base_classes or (classifier.num_classes if classifier is not None else 0)
+    noisy = (*load_noisy_classifier(args.classifier, device), args.classifier) if args.classifier else None
+    num_classes = base_classes or (noisy[0].num_classes if noisy else 0)
     if args.no_guidance:
         return Guidance(), num_classes
-    return Guidance(cfg_scale, classifier, classifier_scale if args.classifier else 0.0,
-                    redraw=redraw if classifier is not None else 0), num_classes
+    guidance = default_guidance(cfg, ckpt, args.checkpoint, device, noisy, args.redraw)
+    if args.cfg_scale is not None:
+        guidance.cfg_scale = args.cfg_scale
+    if args.guidance_scale is not None:
+        guidance.classifier_scale = args.guidance_scale
+    return guidance, num_classes
 
 
 def low_res_input(args, cfg, device) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
@@ -151,7 +147,8 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=scale, help="classifier-free guidance weight w "
                                                          "(default: config guidance.cfg_scale)")
     parser.add_argument("--redraw", type=int, metavar="K", help="redraw samples the noisy classifier "
-                        "reads as another class, up to K times (default: config guidance.redraw)")
+                        "reads as another class (or as the asked one below guidance.redraw_confidence), "
+                        "up to K times (default: config guidance.redraw; 0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -223,7 +220,7 @@ def main() -> None:
         f" (aug_level {s.cfg.augment.aug_level} {s.cfg.augment.aug_mode})" if s.index else "") for s in stages)
     print(f"{num_samples} samples in {seconds:.1f}s on {device} (step {ckpt['step']}; {chain}; "
           f"cfg_scale {guidance.cfg_scale}, classifier guidance {guidance.classifier_scale}, "
-          f"redraw {guidance.redraw})")
+          f"redraw {guidance.redraw}" + f" below p {guidance.redraw_confidence}" * bool(guidance.redraw_confidence) + ")")
     for path in [*paths.values(), out / "samples.npz"]:
         print(path)
 

@@ -6,6 +6,7 @@
     python -m cdm.bench --preset gpu --device cuda --json output/bench_gpu.json
     python -m cdm.bench --preset cpu --compile always     # torch.compile, compile time reported
     python -m cdm.bench --preset evaluation               # cdm.evaluate's scoring in both spaces
+    python -m cdm.bench --preset cpu --set stages.0.model.channels=32   # any config key
 
 Per stage: parameters, FLOPs per image for one training step (forward + backward, counted by
 torch.utils.flop_counter), images/s and ms/step for training (fused AdamW, the config's
@@ -50,19 +51,20 @@ LESSON_SR = ModelConfig(channels=128, channel_mult=[1, 1, 2, 2], num_res_blocks=
                         attention_resolutions=[8, 4], num_heads=4, norm_groups=32)  # 32.4M
 
 
-def preset_stages(preset: str) -> tuple[Config, dict[str, tuple[StageConfig, bool]]]:
-    """(config, {stage name: (stage config, is SR)}) for a preset."""
+def preset_stages(preset: str, overrides: list[str] = ()) -> tuple[Config, dict[str, tuple[StageConfig, bool]]]:
+    """(config, {stage name: (stage config, is SR)}) for a preset, with --set overrides on its
+    config file (cpu, cpu3, gpu)."""
     if preset == "cpu":
-        cfg = load_config(CONFIGS / "cdm_mnist_cpu.yaml")
+        cfg = load_config(CONFIGS / "cdm_mnist_cpu.yaml", overrides)
     elif preset in ("gpu", "lesson"):
-        cfg = load_config(CONFIGS / "cdm_mnist.yaml")
+        cfg = load_config(CONFIGS / "cdm_mnist.yaml", overrides)
     elif preset == "anchor":
         cfg = load_config(CONFIGS / "cdm_mnist_cpu.yaml")
         top = cfg.stages[-1]
         anchor = replace(top, model=ANCHOR, optim=replace(top.optim, batch_size=64, crop_size=0))
         return cfg, {"anchor32": (anchor, False)}
     elif preset == "cpu3":
-        cfg = load_config(CONFIGS / "cdm_mnist_cpu_3stage.yaml")
+        cfg = load_config(CONFIGS / "cdm_mnist_cpu_3stage.yaml", overrides)
     else:
         raise UserError(f"--preset {preset!r}: expected cpu, cpu3, gpu, lesson or anchor")
     if preset == "lesson":
@@ -206,6 +208,8 @@ def main() -> None:
                         help="torch.compile the networks (config: the preset config's train.compile)")
     parser.add_argument("--compare-diffusers", action="store_true")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the preset's config, e.g. --set stages.0.model.channels=32")
     args = parser.parse_args()
 
     if args.preset == "evaluation":
@@ -215,7 +219,7 @@ def main() -> None:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
         return
     device = resolve_device(args.device)
-    cfg, stages = preset_stages(args.preset)
+    cfg, stages = preset_stages(args.preset, args.overrides)
     precision = cfg.train.precision if args.precision == "config" else args.precision
     bf16 = use_bf16(precision, device)
     compile_mode = cfg.train.compile if args.compile == "config" else args.compile

@@ -160,7 +160,7 @@ def _redraw_misread(batch: tuple[dict, dict], stages: list[Stage], y: torch.Tens
         return
     outputs, given = batch
     for _ in range(guidance.redraw):
-        idx = misread(guidance.classifier, outputs[0], y).nonzero().flatten()  # (k,)
+        idx = misread(guidance.classifier, outputs[0], y, guidance.redraw_confidence).nonzero().flatten()
         if len(idx) == 0:
             return
         again, again_given = _sample_batch(stages, len(idx), y[idx], None, generator, bf16, guidance)

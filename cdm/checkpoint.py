@@ -174,12 +174,13 @@ def combine(paths: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
     stages = [configs[owner[i]].stages[i] for i in range(count)]
     for i in range(1, count):  # the SR stage i learned from its own config's stage i - 1
         seen = configs[owner[i]].stages[i - 1]
-        if (seen.image_size, seen.diffusion) != (stages[i - 1].image_size, stages[i - 1].diffusion):
+        made = stages[i - 1]
+        if (seen.image_size, seen.diffusion.forward_process) != (made.image_size, made.diffusion.forward_process):
             raise CheckpointError(f"combine: stage {i} in '{paths[owner[i]]}' was trained on "
-                                  f"{seen.image_size}x{seen.image_size} inputs noised with "
-                                  f"{seen.diffusion}, but stage {i - 1} in '{paths[owner[i - 1]]}' "
-                                  f"makes {stages[i - 1].image_size}x{stages[i - 1].image_size} "
-                                  f"with {stages[i - 1].diffusion}: they do not chain")
+                                  f"{seen.image_size}x{seen.image_size} inputs noised with (T, schedule) "
+                                  f"{seen.diffusion.forward_process}, but stage {i - 1} in "
+                                  f"'{paths[owner[i - 1]]}' makes {made.image_size}x{made.image_size} "
+                                  f"with {made.diffusion.forward_process}: they do not chain")
     config = configs[0].to_dict()
     config["stages"] = [configs[owner[i]].to_dict()["stages"][i] for i in range(count)]
     config["train"]["stages"] = []

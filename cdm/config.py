@@ -59,6 +59,14 @@ class DiffusionConfig:
     timesteps: int = 1000  # T, number of forward-process steps
     schedule: str = "cosine"  # beta schedule: linear (DDPM) | cosine (Nichol & Dhariwal)
     prediction: str = "v"  # what the UNet predicts: eps | v (Salimans & Ho 2022)
+    loss_weight: str = "uniform"  # uniform (the plain MSE of eps or v) | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # min_snr: the x0-error weight min(SNR, gamma)
+
+    @property
+    def forward_process(self) -> tuple[int, str]:
+        """What q(x_t | x_0) depends on: a stage noised on this schedule (an SR stage's
+        augmentation, a noisy classifier) fits any model trained with the same two."""
+        return self.timesteps, self.schedule
 
 
 @dataclass
@@ -67,6 +75,7 @@ class OptimConfig:
     lr: float = 2e-4  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 200  # linear learning-rate warm-up
+    lr_decay: str = "none"  # after warm-up: none (constant) | cosine (to zero at train.steps)
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     ema_decay: float = 0.999  # EMA of the weights; previews and sampling use the EMA copy
     crop_size: int = 0  # >0: train on random square patches of this size (SR stage); 0 = whole image
@@ -128,6 +137,7 @@ class GuidanceConfig:
     cfg_scale: float = 0.0  # w of classifier-free guidance (needs a conditional, label-dropout model)
     redraw: int = 0  # with a noisy classifier (the checkpoint's own, or sample.py --classifier):
     # redraw base samples it reads as another class than asked, up to this many times
+    redraw_confidence: float = 0.0  # ... also those it reads as asked with a probability below this
 
 
 @dataclass
@@ -139,7 +149,7 @@ class TrainConfig:
     sample_every: int = 1000  # steps between preview grids (0 disables)
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     num_preview: int = 64  # samples in each preview grid
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     compile: str = "auto"  # torch.compile the UNets: auto (on CUDA only) | always | never
     channels_last: bool = True  # NHWC memory format for the convolutions
     split_stages: bool = False  # each stage on its own GPU (len(stages) GPUs per process)
@@ -186,6 +196,7 @@ class Config:
         _check(g.classifier_scale >= 0, "guidance.classifier_scale", ">= 0", g.classifier_scale)
         _check(g.cfg_scale >= 0, "guidance.cfg_scale", ">= 0", g.cfg_scale)
         _check(g.redraw >= 0, "guidance.redraw", ">= 0", g.redraw)
+        _check(0 <= g.redraw_confidence < 1, "guidance.redraw_confidence", "in [0, 1)", g.redraw_confidence)
         _check(g.cfg_scale == 0 or self.base.model.label_dropout > 0, "guidance.cfg_scale",
                "0 unless stages.0.model.label_dropout > 0 (without it the null label is never learned)",
                g.cfg_scale)
@@ -258,6 +269,9 @@ def _validate_stage(stage: StageConfig, i: int, prev: StageConfig | None) -> Non
     _check(d.schedule in SCHEDULES, f"{name}.diffusion.schedule", " or ".join(SCHEDULES), d.schedule)
     _check(d.prediction in PREDICTIONS, f"{name}.diffusion.prediction", " or ".join(PREDICTIONS),
            d.prediction)
+    _check(d.loss_weight in ("uniform", "min_snr"), f"{name}.diffusion.loss_weight", "uniform or min_snr",
+           d.loss_weight)
+    _check(d.min_snr_gamma > 0, f"{name}.diffusion.min_snr_gamma", "> 0", d.min_snr_gamma)
     _validate_optim(o, name)
     _check(s.name in SAMPLERS, f"{name}.sampler.name", " or ".join(SAMPLERS), s.name)
     _check(1 <= s.steps <= d.timesteps, f"{name}.sampler.steps",
@@ -323,6 +337,7 @@ def _validate_optim(o: OptimConfig, name: str) -> None:
     _check(o.lr > 0, f"{name}.optim.lr", "> 0", o.lr)
     _check(o.weight_decay >= 0, f"{name}.optim.weight_decay", ">= 0", o.weight_decay)
     _check(o.warmup_steps >= 0, f"{name}.optim.warmup_steps", ">= 0", o.warmup_steps)
+    _check(o.lr_decay in ("none", "cosine"), f"{name}.optim.lr_decay", "none or cosine", o.lr_decay)
     _check(o.grad_clip >= 0, f"{name}.optim.grad_clip", ">= 0 (0 disables)", o.grad_clip)
     _check(0.0 <= o.ema_decay < 1.0, f"{name}.optim.ema_decay", "in [0, 1)", o.ema_decay)
     _check(o.crop_size >= 0, f"{name}.optim.crop_size", ">= 0", o.crop_size)

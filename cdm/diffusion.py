@@ -59,6 +59,7 @@ class GaussianDiffusion:
     def __init__(self, cfg: DiffusionConfig, device: torch.device | str = "cpu"):
         self.num_timesteps = cfg.timesteps
         self.prediction = cfg.prediction
+        self.loss_weight, self.min_snr_gamma = cfg.loss_weight, cfg.min_snr_gamma
         betas = beta_schedule(cfg.schedule, cfg.timesteps)  # beta_t, float64
         alpha_bar = torch.cumprod(1 - betas, dim=0)  # \bar\alpha_t
 
@@ -73,6 +74,7 @@ class GaussianDiffusion:
         self.alpha_bar_padded = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar]).to(device)
         self.sqrt_alpha_bar = table(alpha_bar.sqrt())  # \sqrt{\bar\alpha_t}
         self.sqrt_one_minus_alpha_bar = table((1 - alpha_bar).sqrt())  # \sqrt{1-\bar\alpha_t}
+        self.snr = table(alpha_bar / (1 - alpha_bar))  # SNR(t) = abar_t / (1 - abar_t)
 
     # ------------------------------------------------------------------ forward process
 
@@ -147,15 +149,27 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training
 
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) weight of each example's eps or v loss. Min-SNR-gamma (Hang et al. 2023, Eq. 3-4)
+        weights the x0 error by min(SNR, gamma); since ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2
+        and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2, that is min(SNR, gamma) / SNR for eps
+        and min(SNR, gamma) / (SNR + 1) for v: the near-clean states, which need little model
+        capacity, stop dominating the gradient."""
+        if self.loss_weight == "uniform":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr[t]  # (B,)
+        return snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+
     def training_loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, cond: dict,
                       noise: torch.Tensor) -> torch.Tensor:
         """Per-example loss (B,): DDPM Alg. 1 / Eq. 14, || target - model(x_t, t) ||^2 averaged
-        over pixels, with target eps or v."""
+        over pixels, with target eps or v, times the timestep's loss weight."""
         x_t = self.q_sample(x0, t, noise)
         target = noise if self.prediction == "eps" else self.v_target(x0, t, noise)
         out = model(x_t, t, **cond)
         assert out.shape == target.shape, f"model output {tuple(out.shape)} != {tuple(target.shape)}"
-        return F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        mse = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        return self.loss_weights(t) * mse
 
     # ------------------------------------------------------------------ sampling
 

@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 from cdm import metrics
 from cdm.cascade import Stage, load_cascade, sample_cascade, with_augment, with_sampler
-from cdm.checkpoint import CLASSIFIER
 from cdm.classifier import DEFAULT_PATHS, load_classifier
 from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS
 from cdm.data import downsample, to_unit_range
@@ -53,7 +52,7 @@ from cdm.datasets import load_mnist, load_npz_images
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale_list
 from cdm.grids import nearest_up
 from cdm.guidance import Guidance
-from cdm.noisy_classifier import check_fits, load_noisy_classifier
+from cdm.noisy_classifier import default_guidance, load_noisy_classifier
 from cdm.runtime import resolve_device, use_bf16
 from cdm.unet import upsample_low_res
 
@@ -308,7 +307,8 @@ def main() -> None:
     device = resolve_device(args.device) if args.checkpoint else None
     if args.guidance_scale and not args.noisy_classifier:
         raise UserError("--guidance-scale needs --noisy-classifier PATH")
-    noisy = load_noisy_classifier(args.noisy_classifier, device) if args.noisy_classifier else None
+    noisy = ((*load_noisy_classifier(args.noisy_classifier, device), args.noisy_classifier)
+             if args.noisy_classifier else None)
     for path in args.checkpoint:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
@@ -341,7 +341,8 @@ def main() -> None:
                 scored.append({**score(spaces, images, samples.labels), "sample_s": seconds,
                                "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
             guided = (f", cfg {cfg_scale:g}" * bool(chain[0].model.num_classes) + f", cg {scale:g}" * bool(scale)
-                      + f", redraw {guidance.redraw}" * bool(guidance.redraw))
+                      + f", redraw {guidance.redraw}" * bool(guidance.redraw)
+                      + f" below p {guidance.redraw_confidence}" * bool(guidance.redraw and guidance.redraw_confidence))
             samplers = "/".join(f"{s.cfg.sampler.name}-{s.cfg.sampler.steps}" for s in chain)
             rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, {samplers}{guided})",
                          "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,
@@ -383,21 +384,15 @@ def main() -> None:
 def label_guidance(args, cfg, ckpt: dict, path: str, base_classes: int, noisy: tuple | None,
                    device: torch.device) -> Guidance:
     """The guidance a checkpoint's rows sample with (before the --cfg-scale/--guidance-scale
-    sweeps), as sample.py's defaults: none with --no-guidance, else the config's guidance
-    section, with the noisy classifier of --noisy-classifier (loaded once, `noisy`: (classifier,
-    its config)); guidance.redraw uses that classifier or the checkpoint's own."""
+    sweeps), as sample.py's defaults: none with --no-guidance, else the config's guidance section
+    (noisy_classifier.default_guidance), with --noisy-classifier's classifier (loaded once,
+    `noisy`: (classifier, its config, its path))."""
     if any(args.cfg_scale or []) and not (base_classes and cfg.base.model.label_dropout):
         raise UserError(f"--cfg-scale: '{path}' is not class-conditional with label dropout "
                         f"(stages.0.model.label_dropout > 0), so it has no null label to guide with")
     if args.no_guidance:
         return Guidance()
-    g = cfg.guidance
-    if noisy is not None:
-        check_fits(noisy[1], cfg, args.noisy_classifier)
-        return Guidance(g.cfg_scale, noisy[0], g.classifier_scale, redraw=g.redraw)
-    if g.redraw and base_classes and CLASSIFIER in ckpt:
-        return Guidance(g.cfg_scale, load_noisy_classifier(path, device)[0], redraw=g.redraw)
-    return Guidance(g.cfg_scale)
+    return default_guidance(cfg, ckpt, path, device, noisy)
 
 
 if __name__ == "__main__":

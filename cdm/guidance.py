@@ -11,7 +11,8 @@ eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null). `classifier_free` wraps a model s
 the guided output; the samplers run it like any model.
 
 Redrawing: with `redraw` k > 0, base samples that the noisy classifier reads (at t = 0) as another
-class than the one asked are drawn again, up to k times (`misread`, used by cascade.py). Guidance
+class than the one asked, or as it with a probability below `redraw_confidence`, are drawn again,
+up to k times (`misread`, used by cascade.py). Guidance
 alone trades diversity for label accuracy; a redraw touches only the few samples that missed.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Guidance:
     classifier_scale: float = 0.0  # s of classifier guidance (0: none)
     cfg_interval: tuple[int, int] | None = None  # CFG only at states lo <= t <= hi (None: all)
     redraw: int = 0  # redraw base samples the classifier reads as another class, up to this often
+    redraw_confidence: float = 0.0  # ... and those it reads as asked with a probability below this
 
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator) -> torch.Tensor:
@@ -69,11 +71,14 @@ def classifier_free(model: Callable, cfg_scale: float, null_label: int,
 
 
 @torch.no_grad()
-def misread(classifier: torch.nn.Module, base_images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def misread(classifier: torch.nn.Module, base_images: torch.Tensor, y: torch.Tensor,
+            min_confidence: float = 0.0) -> torch.Tensor:
     """(B,) bool: the noisy classifier, at t = 0, reads the clean base-size images (B, C, h, w)
-    as another class than y (B,)."""
+    as another class than y (B,), or as y with a probability below min_confidence."""
     t = torch.zeros(len(y), dtype=torch.long, device=base_images.device)
-    return classifier(base_images, t).argmax(dim=1) != y
+    probs = classifier(base_images, t).float().softmax(dim=1)  # (B, classes)
+    p_asked = probs.gather(1, y.view(-1, 1)).squeeze(1)  # (B,)
+    return (probs.argmax(dim=1) != y) | (p_asked < min_confidence)
 
 
 def classifier_score(classifier: torch.nn.Module, y: torch.Tensor, scale: float) -> ScoreFn:

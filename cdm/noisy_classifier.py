@@ -25,6 +25,7 @@ from cdm.data import downsample
 from cdm.datasets import load_mnist
 from cdm.diffusion import GaussianDiffusion
 from cdm.errors import ArgumentParser, UserError, run_cli
+from cdm.guidance import Guidance
 from cdm.unet import Encoder
 
 
@@ -80,10 +81,30 @@ def check_fits(classifier_cfg: Config, cascade: Config, path: str | os.PathLike)
     means nothing to that base stage."""
     for key, ours, theirs in (("stages.0.image_size", classifier_cfg.base.image_size, cascade.base.image_size),
                               ("data.channels", classifier_cfg.data.channels, cascade.data.channels),
-                              ("stages.0.diffusion", classifier_cfg.base.diffusion, cascade.base.diffusion)):
+                              ("stages.0.diffusion (timesteps, schedule)", classifier_cfg.base.diffusion.forward_process,
+                               cascade.base.diffusion.forward_process)):
         if ours != theirs:
             raise UserError(f"classifier '{path}' was trained with {key} = {ours}, but this "
                             f"cascade has {theirs}: train a classifier for it")
+
+
+def default_guidance(cfg: Config, ckpt: dict, path: str | os.PathLike, device: torch.device | str,
+                     noisy: tuple[NoisyClassifier, Config, str] | None = None,
+                     redraw: int | None = None) -> Guidance:
+    """The guidance a checkpoint (config cfg, loaded as ckpt from path) samples labels with when
+    nothing else is asked: its config's guidance section. Classifier guidance needs an outside
+    noisy classifier, `noisy` = (classifier, its config, its path); guidance.redraw (or `redraw`)
+    checks the asked labels with that classifier, else with the checkpoint's own."""
+    g = cfg.guidance
+    redraw = g.redraw if redraw is None else redraw
+    classifier = None
+    if noisy is not None:
+        classifier, classifier_cfg, source = noisy
+        check_fits(classifier_cfg, cfg, source)
+    elif redraw and cfg.base.model.num_classes and CLASSIFIER in ckpt:
+        classifier = load_noisy_classifier(path, device)[0]
+    return Guidance(g.cfg_scale, classifier, g.classifier_scale if noisy is not None else 0.0,
+                    redraw=redraw if classifier is not None else 0, redraw_confidence=g.redraw_confidence)
 
 
 @torch.no_grad()

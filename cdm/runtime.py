@@ -30,9 +30,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX). Without it PyTorch emulates
+    bf16, and autocast runs about 2x *slower* than fp32 (measured: docs/performance.md)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """precision 'auto' means bf16 autocast on CUDA and fp32 elsewhere."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """precision 'auto' means bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -56,6 +56,7 @@ class TrainStage:
     forward: Callable  # model, or torch.compile(model)
     ema: UNet | NoisyClassifier  # exponential moving average of `model`, used for sampling
     optimizer: torch.optim.Optimizer
+    steps: int  # the run's length (train.steps): where a decaying learning rate reaches zero
     diffusion: GaussianDiffusion
     low_res_diffusion: GaussianDiffusion | None = None  # SR stages: the previous stage's schedule
 
@@ -76,10 +77,15 @@ def ema_decay(step: int, cfg: StageConfig) -> float:
     return min(cfg.optim.ema_decay, (1 + step) / (10 + step))
 
 
-def learning_rate(step: int, cfg: StageConfig) -> float:
-    """Linear warm-up over warmup_steps, then constant."""
+def learning_rate(step: int, cfg: StageConfig, total_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then constant (lr_decay none) or a half cosine from the
+    peak down to zero at total_steps (lr_decay cosine, Loshchilov & Hutter 2017)."""
     warmup = cfg.optim.warmup_steps
-    return cfg.optim.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.optim.lr
+    lr = cfg.optim.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.optim.lr
+    if cfg.optim.lr_decay == "cosine" and step >= warmup:
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
 
 
 def make_stage(cfg: Config, index: int | None, device: torch.device, compile_model: bool,
@@ -104,7 +110,7 @@ def make_stage(cfg: Config, index: int | None, device: torch.device, compile_mod
         forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if compile_model:
         forward = torch.compile(forward)
-    return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, diffusion, low_res)
+    return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, cfg.train.steps, diffusion, low_res)
 
 
 class StepStats(NamedTuple):
@@ -145,7 +151,7 @@ def optimizer_step(stage: TrainStage, losses: torch.Tensor, t: torch.Tensor, ste
     gradient norm makes the fused AdamW skip its update on the device (its `found_inf` flag, as
     GradScaler uses it)."""
     for group in stage.optimizer.param_groups:
-        group["lr"] = learning_rate(step, stage.cfg)
+        group["lr"] = learning_rate(step, stage.cfg, stage.steps)
     stage.optimizer.zero_grad(set_to_none=True)
     losses.mean().backward()
     clip = stage.cfg.optim.grad_clip or math.inf
@@ -466,7 +472,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
                            "ms_per_step": 1000 * elapsed / window_steps}
                     for name in stages:
                         row.update({f"{name}_{k}": v for k, v in meters[name].read().items()})
-                        row[f"{name}_lr"] = learning_rate(step - 1, stages[name].cfg)
+                        row[f"{name}_lr"] = learning_rate(step - 1, stages[name].cfg, stages[name].steps)
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
                     check_finite(row, stages, window_steps, step, metrics, ckpt_path)

@@ -126,3 +126,17 @@ def test_combine_refuses_overlap_gaps_and_stages_that_do_not_chain(tiny_ckpt, tm
     torch.save(other, tmp_path / "base_linear.pt")
     with pytest.raises(CheckpointError, match="stage 1 in .* was trained on 8x8 inputs noised with .*do not chain"):
         checkpoint.combine([tmp_path / "base_linear.pt", tmp_path / "sr.pt"], tmp_path / "x.pt")
+
+
+def test_combine_joins_a_base_trained_with_another_loss_weight(tiny_ckpt, tmp_path):
+    """Only the forward process must match between a stage and the next one's augmentation:
+    a base retrained with min-SNR weighting still chains with an SR stage trained before it."""
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    base = dict(ckpt, stages={0: ckpt["stages"][0]})
+    base["config"] = {**ckpt["config"], "stages": [dict(ckpt["config"]["stages"][0]), ckpt["config"]["stages"][1]]}
+    base["config"]["stages"][0]["diffusion"] = {**base["config"]["stages"][0]["diffusion"], "loss_weight": "min_snr"}
+    torch.save(base, tmp_path / "base_min_snr.pt")
+    torch.save(dict(ckpt, stages={1: ckpt["stages"][1]}), tmp_path / "sr.pt")
+    cfg, stages, _ = load_cascade(checkpoint.combine([tmp_path / "sr.pt", tmp_path / "base_min_snr.pt"],
+                                                     tmp_path / "both.pt"), "cpu")
+    assert cfg.stages[0].diffusion.loss_weight == "min_snr" and len(stages) == 2

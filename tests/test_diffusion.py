@@ -57,6 +57,27 @@ def test_parametrisations_round_trip(prediction):
     torch.testing.assert_close(pred.eps, eps, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(prediction):
+    """Hang et al. 2023: whatever the model predicts, the min_snr loss of an output equals
+    min(SNR_t, gamma) * ||x0 - x0_hat||^2 of the x0 that output implies."""
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction, loss_weight="min_snr", min_snr_gamma=5.0))
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(5, 1, 4, 4, generator=gen) * 2 - 1
+    eps = torch.randn(5, 1, 4, 4, generator=gen)
+    out = torch.randn(5, 1, 4, 4, generator=gen)  # an arbitrary, wrong prediction
+    t = torch.tensor([5, 100, 400, 700, 950])  # SNR from far above gamma to far below it
+    loss = d.training_loss(lambda x, t_: out, x0, t, {}, eps)
+    x_t = d.q_sample(x0, t, eps)
+    x0_hat = d.predict_x0_from_eps(x_t, t, out) if prediction == "eps" else d.predict_x0_from_v(x_t, t, out)
+    snr = d.alpha_bar[t] / (1 - d.alpha_bar[t])
+    expected = snr.clamp(max=5.0) * (x0 - x0_hat).pow(2).mean(dim=(1, 2, 3))
+    assert snr.max() > 5 > snr.min()
+    torch.testing.assert_close(loss, expected, rtol=2e-3, atol=1e-5)
+    uniform = GaussianDiffusion(DiffusionConfig(prediction=prediction)).training_loss(lambda x, t_: out, x0, t, {}, eps)
+    assert not torch.allclose(loss, uniform, rtol=0.1)
+
+
 def test_posterior_matches_closed_form():
     """One-step q(x_{t-1} | x_t, x_0) against DDPM Eq. 7 written with beta_t directly."""
     d = GaussianDiffusion(DiffusionConfig(schedule="linear"))

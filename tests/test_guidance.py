@@ -11,7 +11,7 @@ from cdm.checkpoint import CLASSIFIER, CheckpointError, export_ema
 from cdm.config import ConfigError, load_config
 from cdm.errors import UserError
 from cdm.diffusion import GaussianDiffusion
-from cdm.guidance import Guidance, classifier_free, classifier_score, drop_labels
+from cdm.guidance import Guidance, classifier_free, classifier_score, drop_labels, misread
 from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, check_fits, load_noisy_classifier
 from cdm.train import make_stage, run_step, train
 from cdm.unet import build_unet
@@ -236,6 +236,17 @@ def test_redraw_draws_again_only_what_the_classifier_misreads(guided_run):
     assert not torch.allclose(out.outputs[0][2:], plain.outputs[0][2:])  # with their base outputs
 
 
+def test_misread_with_a_confidence_floor_also_catches_unsure_reads():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [1.0, 0.9, 0.0], [0.0, 3.0, 0.0]])  # read as 0, 0 (unsure), 1
+
+    def reader(x, t):
+        return logits
+
+    y = torch.tensor([0, 0, 0])
+    assert misread(reader, torch.zeros(3, 1, 2, 2), y).tolist() == [False, False, True]
+    assert misread(reader, torch.zeros(3, 1, 2, 2), y, min_confidence=0.9).tolist() == [False, True, True]
+
+
 def test_cfg_interval_guides_only_inside_it():
     model = conditional_unet()
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 999]), torch.tensor([0, 3, 7, 9])
@@ -307,6 +318,8 @@ def test_classifier_for_another_base_schedule_is_refused(guided_run, tmp_path):
     check_fits(classifier_cfg, guided_cfg(tmp_path), guided_run)  # the cascade it was made for
     with pytest.raises(UserError, match="trained with stages.0.diffusion"):
         check_fits(classifier_cfg, cascade, guided_run)
+    reweighted = guided_cfg(tmp_path, "stages.0.diffusion.loss_weight=min_snr")  # same forward process
+    check_fits(classifier_cfg, reweighted, guided_run)
 
 
 def test_conditional_sr_stage_trains_with_label_dropout_and_samples_under_cfg(tmp_path):

@@ -50,3 +50,15 @@ def test_sampling_commands_on_the_published_weights_run(page, cmd, tmp_path, cap
     proc = run_in_process("sample.py", *args, "--num-samples", small, "--out", str(tmp_path),
                           "--device", "cpu", capsys=capsys)
     assert (tmp_path / "samples.npz").is_file(), proc.stdout
+
+
+BLOCKS = [(page.name, block) for page in PAGES for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
+NEEDS_A_RUN = [(name, block) for name, block in BLOCKS
+               if "train_mnist.py" in block or re.search(r"output/(?!pretrained/)[\w.-]+/checkpoint\.pt", block)]
+
+
+@pytest.mark.parametrize("page, block", NEEDS_A_RUN, ids=[f"{p}:{b[:50]}" for p, b in NEEDS_A_RUN])
+def test_blocks_that_train_or_need_a_run_say_how_long(page, block):
+    """A reader must know before pasting it that a block trains (or needs a run's checkpoint)
+    and for about how long: a comment in the block gives a time."""
+    assert re.search(r"#.*\b\d[\d,.]*\s*(s|min|h)\b", block), f"{page}: this block states no time:\n{block}"

@@ -5,6 +5,7 @@ import torch
 
 from cdm.cascade import load_cascade
 from cdm.config import load_config
+from cdm.runtime import use_bf16
 from cdm.train import StageMeter, StepStats, ema_decay, learning_rate, make_stage, train, train_step
 
 from conftest import ROOT
@@ -31,9 +32,19 @@ def test_tiny_stage_overfits_one_batch(tiny_cfg):
 
 def test_learning_rate_warms_up_linearly(tiny_cfg):
     stage = tiny_cfg.base  # warmup_steps = 2, lr = 1e-3
-    assert learning_rate(0, stage) == pytest.approx(5e-4)
-    assert learning_rate(1, stage) == pytest.approx(1e-3)
-    assert learning_rate(100, stage) == pytest.approx(1e-3)
+    assert learning_rate(0, stage, 200) == pytest.approx(5e-4)
+    assert learning_rate(1, stage, 200) == pytest.approx(1e-3)
+    assert learning_rate(100, stage, 200) == pytest.approx(1e-3)
+
+
+def test_cosine_decay_reaches_zero_at_the_last_step(tiny_cfg):
+    stage = tiny_cfg.base
+    stage.optim.lr_decay = "cosine"  # warm-up to step 2, then half a cosine over steps 2..102
+    lrs = [learning_rate(step, stage, 102) for step in range(103)]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[52] == pytest.approx(5e-4)
+    assert lrs[102] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
 
 
 def test_ema_decay_warms_up(tiny_cfg):
@@ -124,3 +135,14 @@ def test_max_minutes_stops_early_with_a_checkpoint_and_a_final_grid(tmp_path):
     ckpt = torch.load(train(cfg, progress=False), weights_only=True)
     assert ckpt["step"] == 1  # 6 ms of training time: the first step already used it up
     assert (cfg.run_dir / "samples" / "cascade_step000001.png").is_file()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    """Emulated bf16 is about 2x slower than fp32, so 'auto' picks bf16 on a CPU only when it
+    has AVX512-BF16 or AMX; explicit choices are obeyed either way."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) is native
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
