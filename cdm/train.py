@@ -350,25 +350,32 @@ def run_step(stages: dict[str, TrainStage], cfg: Config, hr: torch.Tensor, y: to
 
 
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) into a flag the loop checks between steps, so the step in
-    flight completes and a consistent checkpoint is saved; a second Ctrl-C interrupts at once."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (`kill`, a batch scheduler, a closing terminal)
+    into a flag the loop checks between steps, so the step in flight completes and a consistent
+    checkpoint is saved; a second signal of the same kind acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.signum: int | None = None  # the signal that asked to stop
+        self.previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def split_devices(device: torch.device, info: DistInfo, count: int) -> list[torch.device]:
@@ -504,9 +511,9 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     path = save()
     if interrupted:
         if info.is_main:
-            print(f"interrupted at step {step}: saved {path}; continue with "
-                  f"python train_mnist.py --resume {path}")
-        raise SystemExit(130)
+            print(f"interrupted at step {step} ({signal.Signals(stop.signum).name}): saved {path}; "
+                  f"continue with python train_mnist.py --resume {path}")
+        raise SystemExit(128 + stop.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     if info.is_main:
         share = 100 * metrics["preview_seconds"] / max(metrics["train_seconds"], 1e-9)
         grids = f"; grids in {cfg.run_dir / 'samples'}" if previewed else ""

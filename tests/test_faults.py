@@ -131,16 +131,17 @@ def test_sigkill_mid_training_resumes_like_an_uninterrupted_run(tmp_path):
             assert torch.equal(value, b["stages"][index]["ema"][key]), key
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     proc = start_training(tmp_path, "interrupted", 100000)
     wait_for(tmp_path / "interrupted" / "metrics.jsonl")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted at step" in out and "--resume" in out
+    assert proc.returncode == 128 + signum, err
+    assert "interrupted at step" in out and "--resume" in out and signal.Signals(signum).name in out
     assert "Traceback" not in err
     ckpt = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] >= 1 and f"interrupted at step {ckpt['step']}:" in out
+    assert ckpt["step"] >= 1 and f"interrupted at step {ckpt['step']} " in out
 
 
 def test_cli_argument_errors_are_one_line(tmp_path):
