@@ -20,6 +20,7 @@ requirements.txt). `--preset evaluation` times cdm.evaluate instead: building bo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -109,11 +110,14 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x0 = torch.randn(batch, channels, size, size, device=device)
     cond = make_cond(batch, size)
+    calls = itertools.count()
+    self_condition = getattr(eager, "self_condition", False)  # its extra pass: every other step
 
     def train_step():
         t = torch.randint(0, 1000, (batch,), device=device)
+        heads = self_condition and next(calls) % 2 == 0
         with autocast(device, bf16):
-            loss = diffusion.training_loss(model, x0, t, cond, torch.randn_like(x0)).mean()
+            loss = diffusion.training_loss(model, x0, t, cond, torch.randn_like(x0), heads).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -186,6 +186,8 @@ def _sample_batch(stages: list[Stage], n: int, y: torch.Tensor | None, low_res: 
             cond.update(sr_cond(z_s.to(device), levels.to(device)))
             given[stage.index] = z_s.float()
         model = guided(stage, guidance)
+        if stage.cfg.model.self_condition:
+            model = stage.diffusion.self_conditioned(model)
         score_fn = None
         if stage.index == 0 and guidance.classifier is not None and guidance.classifier_scale:
             score_fn = classifier_score(guidance.classifier, y, guidance.classifier_scale)

@@ -51,6 +51,7 @@ class ModelConfig:
     norm_groups: int = 32  # GroupNorm groups (must divide every level's width)
     num_classes: int = 0  # >0: class-conditional, label embedding with a reserved null label
     label_dropout: float = 0.0  # training: fraction of labels replaced by the null label (for CFG)
+    self_condition: bool = False  # also input its own previous x0 estimate (Chen et al. 2022)
     upsample_mode: str = "bilinear"  # SR stage: how the low-res input is resized (bilinear|bicubic)
 
 

@@ -127,6 +127,12 @@ class GaussianDiffusion:
         return extract(self.sqrt_alpha_bar, t, x_t.ndim) * x_t \
             - extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
 
+    def predict_x0(self, x_t, t, out):
+        """The x0 estimate the model output `out` (eps or v, as trained) stands for."""
+        if self.prediction == "eps":
+            return self.predict_x0_from_eps(x_t, t, out)
+        return self.predict_x0_from_v(x_t, t, out)
+
     def model_predictions(self, model: Callable, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
                           clip_x0: bool, score_fn: ScoreFn | None = None) -> Prediction:
         """Run the model once and express its output as (eps, x0). With score_fn (classifier
@@ -134,11 +140,8 @@ class GaussianDiffusion:
         eps - sqrt(1 - abar_t) * score_fn(x_t, t). With clip_x0 the x0 estimate is clamped to
         [-1, 1] and eps recomputed to match it."""
         out = model(x_t, t, **cond).float()  # (B, C, H, W)
-        if self.prediction == "eps":
-            eps, x0 = out, self.predict_x0_from_eps(x_t, t, out)
-        else:
-            x0 = self.predict_x0_from_v(x_t, t, out)
-            eps = self.predict_eps_from_x0(x_t, t, x0)
+        x0 = self.predict_x0(x_t, t, out)
+        eps = out if self.prediction == "eps" else self.predict_eps_from_x0(x_t, t, x0)
         if score_fn is not None:
             eps = eps - extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * score_fn(x_t, t)
             x0 = self.predict_x0_from_eps(x_t, t, eps)
@@ -161,11 +164,17 @@ class GaussianDiffusion:
         return snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
 
     def training_loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, cond: dict,
-                      noise: torch.Tensor) -> torch.Tensor:
+                      noise: torch.Tensor, self_condition: bool = False) -> torch.Tensor:
         """Per-example loss (B,): DDPM Alg. 1 / Eq. 14, || target - model(x_t, t) ||^2 averaged
-        over pixels, with target eps or v, times the timestep's loss weight."""
+        over pixels, with target eps or v, times the timestep's loss weight.
+        self_condition (the caller's coin, heads half the time): first estimate x0 without the
+        gradient and give that estimate to the trained pass as x_self (Chen et al. 2022, Alg. 1);
+        tails, x_self stays zeros, so the model also learns the first sampling step."""
         x_t = self.q_sample(x0, t, noise)
         target = noise if self.prediction == "eps" else self.v_target(x0, t, noise)
+        if self_condition:
+            with torch.no_grad():
+                cond = {**cond, "x_self": self.predict_x0(x_t, t, model(x_t, t, **cond).float())}
         out = model(x_t, t, **cond)
         assert out.shape == target.shape, f"model output {tuple(out.shape)} != {tuple(target.shape)}"
         mse = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
@@ -230,6 +239,19 @@ class GaussianDiffusion:
         x_prev = (((1 - abar_prev) / (1 - abar_t)).sqrt().float() * x_t
                   - (abar_prev.sqrt() * torch.expm1(-h)).float() * d)
         return x_prev, (pred.x0, h)
+
+    def self_conditioned(self, model: Callable) -> Callable:
+        """A self-conditioned model as sampling runs it (Chen et al. 2022, Alg. 2): each call
+        gets as x_self the x0 estimate of the call before (none on the first); one wrapper per
+        chain of samples."""
+        previous = {}
+
+        def call(x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+            out = model(x_t, t, **cond, **previous)
+            previous["x_self"] = self.predict_x0(x_t, t, out.float())  # (B, C, H, W)
+            return out
+
+        return call
 
     @torch.no_grad()  # not inference_mode: classifier guidance differentiates through x_t
     def sample(self, model, noise: torch.Tensor, cond: dict, sampler: SamplerConfig,

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -128,12 +129,19 @@ def draw_t_and_noise(stage: TrainStage, x0: torch.Tensor, generator: torch.Gener
     return t, gaussian_noise(x0, generator)
 
 
+def self_condition_coin(step: int) -> bool:
+    """Heads on half the steps: self-conditioning's first pass runs then (Chen et al. 2022).
+    A function of the step alone, so every rank agrees and a resumed run draws the same."""
+    return random.Random(step).random() < 0.5
+
+
 def train_step(stage: TrainStage, x0: torch.Tensor, cond: dict, step: int, bf16: bool,
                generator: torch.Generator) -> StepStats:
     """One optimizer step of a diffusion stage on clean images x0 (B, C, H, W)."""
     t, noise = draw_t_and_noise(stage, x0, generator)
+    self_condition = stage.cfg.model.self_condition and self_condition_coin(step)
     with autocast(x0.device, bf16):
-        losses = stage.diffusion.training_loss(stage.forward, x0, t, cond, noise)  # (B,)
+        losses = stage.diffusion.training_loss(stage.forward, x0, t, cond, noise, self_condition)  # (B,)
     return optimizer_step(stage, losses, t, step)
 
 

@@ -7,7 +7,8 @@ plus two declared differences (CDM section 3, guided-diffusion `SuperResModel`):
   * `aug_embed=True`: the conditioning-augmentation level s gets a sinusoidal embedding that is
     added to the time embedding (CDM section 4).
 Class labels, when `num_classes > 0`, add a label embedding; label `num_classes` is the null
-label reserved for classifier-free guidance. Every conditioning signal enters the residual blocks
+label reserved for classifier-free guidance. With `self_condition` the network also takes its own
+previous estimate of x0 as extra input channels (self-conditioning, Chen et al. 2022 section 3). Every conditioning signal enters the residual blocks
 through one place: the embedding `emb` that scale-shifts their second GroupNorm.
 """
 from __future__ import annotations
@@ -180,9 +181,11 @@ class Encoder(nn.Module):
 class UNet(Encoder):
     def __init__(self, cfg: ModelConfig, image_size: int, channels: int,
                  low_res_channels: int = 0, aug_embed: bool = False):
-        super().__init__(cfg, image_size, channels + low_res_channels)
+        self_cond_channels = channels if cfg.self_condition else 0
+        super().__init__(cfg, image_size, channels + self_cond_channels + low_res_channels)
         self.image_size = image_size
         self.low_res_channels = low_res_channels
+        self.self_condition = cfg.self_condition
         self.num_classes = cfg.num_classes
         self.upsample_mode = cfg.upsample_mode
         self.aug_embed = self.embed_mlp() if aug_embed else None
@@ -206,11 +209,14 @@ class UNet(Encoder):
                                  zero_module(nn.Conv2d(width, channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor | None = None,
-                aug_level: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+                aug_level: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                x_self: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) noisy image; t: (B,) steps in [0, T-1]; low_res: (B, C, h, w), given iff
         low_res_channels > 0; aug_level: (B,), given iff aug_embed; y: (B,) labels in
-        [0, num_classes] (num_classes = null), given iff num_classes > 0."""
+        [0, num_classes] (num_classes = null), given iff num_classes > 0; x_self: (B, C, H, W)
+        the previous x0 estimate, only if self_condition (None: zeros, "no estimate yet")."""
         assert (low_res is not None) == (self.low_res_channels > 0), "low_res iff configured"
+        assert x_self is None or self.self_condition, "x_self only with self_condition"
         assert (aug_level is not None) == (self.aug_embed is not None), "aug_level iff configured"
         assert (y is not None) == (self.label_embed is not None), "labels iff num_classes > 0"
         emb = self.embed_time(t)  # (B, E)
@@ -218,9 +224,11 @@ class UNet(Encoder):
             emb = emb + self.aug_embed(timestep_embedding(aug_level, self.base_channels))
         if self.label_embed is not None:
             emb = emb + self.label_embed(y)
+        if self.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x_self is None else x_self.to(x.dtype)], dim=1)
         if low_res is not None:
             low_res = upsample_low_res(low_res, x.shape[-1], self.upsample_mode)
-            x = torch.cat([x, low_res.to(x.dtype)], dim=1)  # (B, C + C_lr, H, W)
+            x = torch.cat([x, low_res.to(x.dtype)], dim=1)  # (B, C [+ C] + C_lr, H, W)
         h, skips = self.encode(x, emb)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H, W)

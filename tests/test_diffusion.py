@@ -159,3 +159,42 @@ def test_dpm_solver_is_second_order_on_the_ode():
     assert 1.6 < ddim_20 / ddim_40 < 2.5
     assert dpm_20 / dpm_40 > 3.5 and dpm_40 < 0.3 * ddim_40
     assert abs(out.mean().item() - mu) < 0.02 and abs(out.std().item() - s) < 0.02
+
+
+class Recorder:
+    """A stand-in model: random outputs, and a log of each call's x_t, t, x_self, whether the
+    gradient was on, and its output."""
+
+    def __init__(self):
+        self.calls, self.gen = [], torch.Generator().manual_seed(0)
+
+    def __call__(self, x, t, x_self=None, **cond):
+        out = torch.randn(x.shape, generator=self.gen)
+        self.calls.append((x, t, x_self, torch.is_grad_enabled(), out))
+        return out
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m"])
+def test_self_conditioned_sampling_feeds_each_call_the_previous_x0(name):
+    d = GaussianDiffusion(DiffusionConfig(timesteps=100))
+    model = Recorder()
+    d.sample(d.self_conditioned(model), torch.randn(2, 1, 4, 4), {}, SamplerConfig(name=name, steps=5),
+             generator=torch.Generator().manual_seed(1))
+    assert len(model.calls) == 5 and model.calls[0][2] is None
+    for (x, t, _, _, out), (_, _, x_self, _, _) in zip(model.calls, model.calls[1:]):
+        torch.testing.assert_close(x_self, d.predict_x0(x, t, out))
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_self_condition_training_gives_a_detached_estimate_to_the_trained_pass(heads):
+    d = GaussianDiffusion(DiffusionConfig(timesteps=100))
+    model, x0 = Recorder(), torch.rand(3, 1, 4, 4) * 2 - 1
+    t, noise = torch.tensor([5, 50, 95]), torch.randn(3, 1, 4, 4)
+    d.training_loss(model, x0, t, {}, noise, self_condition=heads)
+    if not heads:
+        assert [c[2] for c in model.calls] == [None]
+        return
+    (x_t, _, first_self, first_grad, first_out), (_, _, x_self, grad, _) = model.calls
+    assert first_self is None and not first_grad and grad
+    torch.testing.assert_close(x_t, d.q_sample(x0, t, noise))
+    torch.testing.assert_close(x_self, d.predict_x0(x_t, t, first_out))

@@ -11,9 +11,11 @@ from cdm.train import StageMeter, StepStats, ema_decay, learning_rate, make_stag
 from conftest import ROOT
 
 
-def test_tiny_stage_overfits_one_batch(tiny_cfg):
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_tiny_stage_overfits_one_batch(tiny_cfg, self_condition):
     torch.manual_seed(0)
     tiny_cfg.base.optim.lr = 2e-3
+    tiny_cfg.base.model.self_condition = self_condition  # judged on its first pass (no estimate yet)
     stage = make_stage(tiny_cfg, 0, torch.device("cpu"), compile_model=False, channels_last=False)
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.rand(1, 1, 8, 8, generator=gen) * 2 - 1).repeat(8, 1, 1, 1)  # one image to memorise
@@ -91,7 +93,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     def cfg(run, steps):
         return load_config(ROOT / "configs" / "tiny.yaml", [
             f"out_dir={tmp_path}", f"run_name={run}", "data.download=false", f"train.steps={steps}",
-            "stages.0.model.dropout=0.1", "stages.1.model.dropout=0.1", "stages.1.optim.crop_size=16"])
+            "stages.0.model.dropout=0.1", "stages.1.model.dropout=0.1", "stages.1.optim.crop_size=16",
+            "stages.0.model.self_condition=true"])  # its coin too must resume in step
 
     straight = torch.load(train(cfg("straight", 4), progress=False), weights_only=True)
     half = train(cfg("resumed", 2), progress=False)

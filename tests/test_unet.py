@@ -78,3 +78,15 @@ def test_embeddings_change_the_output():
     assert not torch.allclose(ref, run(500, 0, 3))
     assert not torch.allclose(ref, run(10, 100, 3))
     assert not torch.allclose(ref, run(10, 0, 10))  # 10 = the null label
+
+
+def test_self_condition_adds_the_previous_estimate_as_input():
+    cfg = ModelConfig(**{**SMALL.__dict__, "self_condition": True})
+    model = randomise(build_unet(cfg, 8, 3, super_res=False)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    assert model.input_conv.in_channels == 6
+    none = model(x, t)
+    torch.testing.assert_close(none, model(x, t, x_self=torch.zeros_like(x)))  # None means zeros
+    assert not torch.allclose(none, model(x, t, x_self=torch.randn_like(x)))
+    with pytest.raises(AssertionError, match="x_self"):
+        build_unet(SMALL, 8, 3, super_res=False)(x, t, x_self=x)
