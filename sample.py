@@ -220,7 +220,7 @@ def main() -> None:
         f" (aug_level {s.cfg.augment.aug_level} {s.cfg.augment.aug_mode})" if s.index else "") for s in stages)
     print(f"{num_samples} samples in {seconds:.1f}s on {device} (step {ckpt['step']}; {chain}; "
           f"cfg_scale {guidance.cfg_scale}, classifier guidance {guidance.classifier_scale}, "
-          f"redraw {guidance.redraw}" + f" below p {guidance.redraw_confidence}" * bool(guidance.redraw_confidence) + ")")
+          f"{guidance.redraw_text})")
     for path in [*paths.values(), out / "samples.npz"]:
         print(path)
 

@@ -341,8 +341,7 @@ def main() -> None:
                 scored.append({**score(spaces, images, samples.labels), "sample_s": seconds,
                                "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
             guided = (f", cfg {cfg_scale:g}" * bool(chain[0].model.num_classes) + f", cg {scale:g}" * bool(scale)
-                      + f", redraw {guidance.redraw}" * bool(guidance.redraw)
-                      + f" below p {guidance.redraw_confidence}" * bool(guidance.redraw and guidance.redraw_confidence))
+                      + f", {guidance.redraw_text}" * bool(guidance.redraw))
             samplers = "/".join(f"{s.cfg.sampler.name}-{s.cfg.sampler.steps}" for s in chain)
             rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, {samplers}{guided})",
                          "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,

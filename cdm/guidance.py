@@ -37,6 +37,11 @@ class Guidance:
     redraw: int = 0  # redraw base samples the classifier reads as another class, up to this often
     redraw_confidence: float = 0.0  # ... and those it reads as asked with a probability below this
 
+    @property
+    def redraw_text(self) -> str:
+        """The redraw setting as the scripts print it, e.g. "redraw 5 below p 0.9"."""
+        return f"redraw {self.redraw}" + f" below p {self.redraw_confidence}" * bool(self.redraw and self.redraw_confidence)
+
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator) -> torch.Tensor:
     """Training-time label dropout: each label (B,) becomes the null label with probability p,
