@@ -40,7 +40,8 @@ class Guidance:
     @property
     def redraw_text(self) -> str:
         """The redraw setting as the scripts print it, e.g. "redraw 5 below p 0.9"."""
-        return f"redraw {self.redraw}" + f" below p {self.redraw_confidence}" * bool(self.redraw and self.redraw_confidence)
+        confidence = f" below p {self.redraw_confidence}" * bool(self.redraw and self.redraw_confidence)
+        return f"redraw {self.redraw}{confidence}"
 
 
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator) -> torch.Tensor:

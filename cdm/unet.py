@@ -7,9 +7,10 @@ plus two declared differences (CDM section 3, guided-diffusion `SuperResModel`):
   * `aug_embed=True`: the conditioning-augmentation level s gets a sinusoidal embedding that is
     added to the time embedding (CDM section 4).
 Class labels, when `num_classes > 0`, add a label embedding; label `num_classes` is the null
-label reserved for classifier-free guidance. With `self_condition` the network also takes its own
-previous estimate of x0 as extra input channels (self-conditioning, Chen et al. 2022 section 3). Every conditioning signal enters the residual blocks
-through one place: the embedding `emb` that scale-shifts their second GroupNorm.
+label reserved for classifier-free guidance. Every scalar conditioning signal (t, s, y) enters the
+residual blocks through one place: the embedding `emb` that scale-shifts their second GroupNorm.
+With `self_condition` the network also takes its own previous estimate of x0 as extra input
+channels, concatenated like the low-res image (self-conditioning, Chen et al. 2022 section 3).
 """
 from __future__ import annotations
 
