@@ -6,7 +6,9 @@ Layout (a plain dict of tensors, numbers and strings, loadable with weights_only
   step            optimizer steps done by the run that wrote it
   stages          {index: {"model": state_dict, "ema": state_dict, "optimizer": state_dict,
                    "step": steps this stage trained}} for the stages the run trained (all, or
-                   train.stages); `combine` merges files that trained different stages
+                   train.stages); `combine` merges files that trained different stages. A stage
+                   with optim.posthoc_ema_std also has "power_ema": {std: state_dict}, and the
+                   run writes those alone to <run>/ema_snapshots/<step>.pt (same layout) for `posthoc`
   classifier      {"model", "ema", "optimizer"} of the noisy classifier, when the run trained one
   rng             {"torch": CPU RNG state, "cuda": [per-device states], "generator": the
                    training generator's state}
@@ -25,11 +27,14 @@ from pathlib import Path
 
 import torch
 
-from cdm.config import Config, ConfigError, apply_override, config_from_dict, upgrade_config_dict
+from cdm.config import (MAX_EMA_STD, Config, ConfigError, apply_override, config_from_dict,
+                        upgrade_config_dict)
+from cdm.ema import posthoc_weights, profile_error
 from cdm.errors import ArgumentParser, UserError, run_cli
 
 FORMAT_VERSION = 2
 CLASSIFIER = "classifier"  # the noisy classifier for guidance (cdm/noisy_classifier.py)
+SNAPSHOT_DIR = "ema_snapshots"  # beside a run's checkpoint.pt: its power-function EMA snapshots
 
 
 class CheckpointError(UserError):
@@ -191,6 +196,49 @@ def combine(paths: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
     return save_checkpoint(out, dst)
 
 
+def posthoc(src: str | os.PathLike, dst: str | os.PathLike, std: float, step: int | None = None
+            ) -> tuple[Path, dict[int, float]]:
+    """SRC with each stage's EMA replaced by the power-function EMA of relative std `std` at
+    `step` (default: SRC's step), mixed from the snapshots in SRC's folder (cdm/ema.py). Stages
+    without snapshots keep their EMA. Returns the path and, per mixed stage, the relative L2
+    error of the mixed profile against the asked one (a few percent: a faithful mix)."""
+    src = Path(src)
+    if not 0 < std <= MAX_EMA_STD:
+        raise UserError(f"posthoc: --std must be in (0, {MAX_EMA_STD}] (a relative std), got {std}")
+    ckpt = load_checkpoint(src)
+    step = int(ckpt["step"]) if step is None else step
+    folder = src.parent / SNAPSHOT_DIR
+    snapshots = [load_checkpoint(f, stages=[]) for f in sorted(folder.glob("*.pt"))]
+    snapshots = [s for s in snapshots if int(s["step"]) <= step]
+    if not snapshots:
+        raise CheckpointError(f"posthoc: no power-function EMA snapshots up to step {step} in '{folder}': "
+                              f"train with stages.N.optim.posthoc_ema_std set, e.g. [0.05, 0.1]")
+    errors = {}
+    for index, entry in ckpt["stages"].items():
+        parts = [(int(s["step"]), float(key), state) for s in snapshots if index in s["stages"]
+                 for key, state in s["stages"][index]["power_ema"].items()]
+        if not parts:
+            continue
+        if any(s["config"]["stages"][index]["model"] != ckpt["config"]["stages"][index]["model"]
+               for s in snapshots if index in s["stages"]):
+            raise CheckpointError(f"posthoc: the snapshots in '{folder}' hold another stages.{index}.model "
+                                  f"than '{src}' (snapshots of another run?)")
+        steps, stds, states = zip(*parts)
+        weights = posthoc_weights(list(steps), list(stds), step, std)  # (K,)
+        errors[index] = profile_error(list(steps), list(stds), step, std, weights)
+        entry["ema"] = {key: mix([s[key] for s in states], weights) if value.is_floating_point() else value
+                        for key, value in entry["ema"].items()}
+    if not errors:
+        raise CheckpointError(f"posthoc: the snapshots in '{folder}' hold none of the stages of '{src}'")
+    return save_checkpoint(ckpt, dst), errors
+
+
+def mix(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[k] * tensors[k], accumulated in float64, in the tensors' dtype."""
+    total = sum(w * t.double() for w, t in zip(weights.tolist(), tensors))
+    return total.to(tensors[0].dtype)
+
+
 def stage_weights(ckpt: dict, index: int, key: str, path: str | os.PathLike) -> dict:
     """ckpt["stages"][index][key] (model, ema or optimizer), or a CheckpointError if absent."""
     if key not in ckpt["stages"][index]:
@@ -211,10 +259,11 @@ def load_state(module: torch.nn.Module, state: dict, path: str | os.PathLike, wh
 
 
 def main() -> None:
-    """python -m cdm.checkpoint export SRC DST | combine A B [...] DST."""
+    """python -m cdm.checkpoint export SRC DST | combine A B [...] DST | posthoc SRC DST --std S."""
     parser = ArgumentParser(prog="python -m cdm.checkpoint",
-                            description="Export a checkpoint's EMA weights (bf16) for sampling, or "
-                                        "combine checkpoints that trained different stages.")
+                            description="Export a checkpoint's EMA weights (bf16) for sampling, "
+                                        "combine checkpoints that trained different stages, or "
+                                        "choose a run's EMA length after training.")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="SRC DST: a small, sampling-only copy of SRC")
     export.add_argument("src")
@@ -225,9 +274,20 @@ def main() -> None:
     merge = commands.add_parser("combine", help="A B [...] DST: one cascade from files trained "
                                                 "with different --stages")
     merge.add_argument("paths", nargs="+", metavar="PATH", help="the stage files, then DST")
+    average = commands.add_parser("posthoc", help="SRC DST --std S: SRC with the power-function EMA "
+                                                  "of relative std S, mixed from its run's snapshots")
+    average.add_argument("src", help="a run's checkpoint.pt (its ema_snapshots/ folder beside it)")
+    average.add_argument("dst")
+    average.add_argument("--std", type=float, required=True,
+                         help=f"relative std of the EMA profile (Karras et al. 2024), in (0, {MAX_EMA_STD}]")
+    average.add_argument("--step", type=int, default=None, help="the step it ends at (default: SRC's)")
     args = parser.parse_args()
     if args.command == "export":
         path = export_ema(args.src, args.dst, args.overrides)
+    elif args.command == "posthoc":
+        path, errors = posthoc(args.src, args.dst, args.std, args.step)
+        for index, error in errors.items():
+            print(f"stage {index}: EMA std {args.std:g} mixed from snapshots, profile error {100 * error:.1f}%")
     else:
         if len(args.paths) < 3:
             raise UserError("combine: give at least two stage checkpoints and the output path")

@@ -21,6 +21,7 @@ from cdm.errors import UserError
 
 DATA_ROOT_ENV = "CDM_DATA_ROOT"  # environment variable that overrides data.root
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "image_folder")
+MAX_EMA_STD = 0.28  # the widest power-function EMA: sigma_rel of gamma = 0 (a plain mean) is 0.289
 
 
 class ConfigError(UserError):
@@ -80,6 +81,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     ema_decay: float = 0.999  # EMA of the weights; previews and sampling use the EMA copy
     crop_size: int = 0  # >0: train on random square patches of this size (SR stage); 0 = whole image
+    posthoc_ema_std: list[float] = field(default_factory=list)  # relative stds of power-function EMAs
+    # (Karras et al. 2024) tracked beside ema_decay's and saved every train.save_every steps to
+    # output/<run>/ema_snapshots/, e.g. [0.05, 0.1]: python -m cdm.checkpoint posthoc mixes any other
 
 
 @dataclass
@@ -342,6 +346,9 @@ def _validate_optim(o: OptimConfig, name: str) -> None:
     _check(o.grad_clip >= 0, f"{name}.optim.grad_clip", ">= 0 (0 disables)", o.grad_clip)
     _check(0.0 <= o.ema_decay < 1.0, f"{name}.optim.ema_decay", "in [0, 1)", o.ema_decay)
     _check(o.crop_size >= 0, f"{name}.optim.crop_size", ">= 0", o.crop_size)
+    _check(all(0 < std <= MAX_EMA_STD for std in o.posthoc_ema_std) and
+           len(set(o.posthoc_ema_std)) == len(o.posthoc_ema_std), f"{name}.optim.posthoc_ema_std",
+           f"distinct relative stds in (0, {MAX_EMA_STD}]", o.posthoc_ema_std)
 
 
 # ----------------------------------------------------------------------------- loading

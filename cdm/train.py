@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -31,13 +31,14 @@ from tqdm import tqdm
 
 from cdm.augment import blur_low_res, noise_low_res, sample_aug_levels, sr_cond
 from cdm.cascade import Stage, build_stage, sample_cascade, stage_name
-from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, checkpoint_config, load_checkpoint, load_state,
-                            save_checkpoint, stage_weights)
+from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, SNAPSHOT_DIR, checkpoint_config, load_checkpoint,
+                            load_state, save_checkpoint, stage_weights)
 from cdm.config import Config, StageConfig
 from cdm.data import downsample
 from cdm.datasets import load_data
 from cdm.distributed import DistInfo, any_rank, gather, setup, teardown
 from cdm.diffusion import GaussianDiffusion, gaussian_noise
+from cdm.ema import PowerEMA, ema_decay, ema_update
 from cdm.errors import UserError
 from cdm.grids import save_cascade_grids
 from cdm.guidance import drop_labels
@@ -60,22 +61,11 @@ class TrainStage:
     steps: int  # the run's length (train.steps): where a decaying learning rate reaches zero
     diffusion: GaussianDiffusion
     low_res_diffusion: GaussianDiffusion | None = None  # SR stages: the previous stage's schedule
+    power_emas: list[PowerEMA] = field(default_factory=list)  # optim.posthoc_ema_std, for post-hoc EMAs
 
     def for_sampling(self) -> Stage:
         """The stage with its EMA weights, as the sampler takes it."""
         return Stage(self.index, self.cfg, self.ema, self.diffusion, self.low_res_diffusion)
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-def ema_decay(step: int, cfg: StageConfig) -> float:
-    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)): early on the average
-    forgets the random initial weights quickly, which matters in short runs."""
-    return min(cfg.optim.ema_decay, (1 + step) / (10 + step))
 
 
 def learning_rate(step: int, cfg: StageConfig, total_steps: int) -> float:
@@ -104,6 +94,8 @@ def make_stage(cfg: Config, index: int | None, device: torch.device, compile_mod
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    stds = stage_cfg.optim.posthoc_ema_std if index is not None else []
+    power_emas = [PowerEMA(std, copy.deepcopy(ema)) for std in stds]
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage_cfg.optim.lr,  # fused: CPU and CUDA
                                   weight_decay=stage_cfg.optim.weight_decay, fused=True)
     forward = model
@@ -111,7 +103,8 @@ def make_stage(cfg: Config, index: int | None, device: torch.device, compile_mod
         forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if compile_model:
         forward = torch.compile(forward)
-    return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, cfg.train.steps, diffusion, low_res)
+    return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, cfg.train.steps, diffusion, low_res,
+                      power_emas)
 
 
 class StepStats(NamedTuple):
@@ -167,7 +160,9 @@ def optimizer_step(stage: TrainStage, losses: torch.Tensor, t: torch.Tensor, ste
     skipped = ~torch.isfinite(grad_norm)
     stage.optimizer.found_inf = skipped.float()
     stage.optimizer.step()
-    ema_update(stage.ema, stage.model, ema_decay(step, stage.cfg))
+    ema_update(stage.ema, stage.model, ema_decay(step, stage.cfg.optim.ema_decay))
+    for average in stage.power_emas:
+        average.update(stage.model, step)
     return StepStats(losses.detach(), t, grad_norm.detach(), skipped)
 
 
@@ -263,11 +258,28 @@ def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
     for stage in stages.values():
         entry = {"model": stage.model.state_dict(), "ema": stage.ema.state_dict(),
                  "optimizer": stage.optimizer.state_dict(), "step": step}
+        if stage.power_emas:
+            entry["power_ema"] = power_ema_states(stage)
         if stage.index is None:
             payload[CLASSIFIER] = entry
         else:
             payload["stages"][stage.index] = entry
     return payload
+
+
+def power_ema_states(stage: TrainStage) -> dict[str, dict]:
+    """{'0.05': state_dict, ...}: the stage's power-function EMAs by relative std."""
+    return {average.key: average.average.state_dict() for average in stage.power_emas}
+
+
+def snapshot_payload(cfg: Config, stages: dict[str, TrainStage], step: int) -> dict | None:
+    """The power-function EMAs of every stage that tracks them, at this step, in the checkpoint
+    layout (stages {index: {"power_ema": {std: state_dict}, "step"}}); None when none does."""
+    tracked = {s.index: {"power_ema": power_ema_states(s), "step": step}
+               for s in stages.values() if s.power_emas and s.index is not None}
+    if not tracked:
+        return None
+    return {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "step": step, "stages": tracked}
 
 
 def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
@@ -292,6 +304,14 @@ def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
                             f"resume with the checkpoint's own config (no --config)")
         for part, target in (("model", stage.model), ("ema", stage.ema), ("optimizer", stage.optimizer)):
             load_state(target, states[part], path, f"{stage.name} {part} state")
+        if stage.power_emas:
+            stored_emas = ckpt["stages"][stage.index].get("power_ema", {})
+            for average in stage.power_emas:
+                if average.key not in stored_emas:
+                    raise UserError(f"--resume '{path}': it tracked no power-function EMA with std "
+                                    f"{average.key} for stages.{stage.index} (it has {sorted(stored_emas)}); "
+                                    f"resume with the checkpoint's own optim.posthoc_ema_std")
+                load_state(average.average, stored_emas[average.key], path, f"{stage.name} power EMA {average.key}")
     if len(ckpt["rng"]) != info.world_size:
         raise UserError(f"--resume '{path}': it was saved by {len(ckpt['rng'])} process(es); resume "
                         f"with the same number (this run has {info.world_size})")
@@ -451,6 +471,9 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
         rng_states = gather(info, rng_state(generator))  # every rank takes part
         if info.is_main:
             save_checkpoint(checkpoint_payload(cfg, stages, step, rng_states, metrics), ckpt_path)
+            snapshot = snapshot_payload(cfg, stages, step)
+            if snapshot is not None:  # for python -m cdm.checkpoint posthoc
+                save_checkpoint(snapshot, cfg.run_dir / SNAPSHOT_DIR / f"{step:07d}.pt")
         return ckpt_path
 
     def out_of_time() -> bool:

@@ -64,6 +64,7 @@ def test_old_two_stage_keys_are_refused_with_the_new_layout():
     (["stages.1.sampler.steps=0"], "'stages.1.sampler.steps': expected in [1"),
     (["stages.0.optim.lr=-1"], "'stages.0.optim.lr': expected > 0"),
     (["stages.1.optim.crop_size=10"], "'stages.1.optim.crop_size': expected 0 or a size <= 32 divisible by 4"),
+    (["stages.0.optim.posthoc_ema_std=[0.05, 0.3]"], "'stages.0.optim.posthoc_ema_std': expected distinct relative stds in (0, 0.28]"),
     (["stages.5.optim.lr=1"], "'5' is not an index of this list (0..1)"),
     (["stages=[]"], "config key 'stages': expected a non-empty list of sections"),
     (["train.stages=[0, 2]"], "'train.stages': expected [] (all) or consecutive, ascending stage indices from [0, 1]"),

@@ -6,7 +6,7 @@ import torch
 from cdm.cascade import load_cascade
 from cdm.config import load_config
 from cdm.runtime import use_bf16
-from cdm.train import StageMeter, StepStats, ema_decay, learning_rate, make_stage, train, train_step
+from cdm.train import StageMeter, StepStats, learning_rate, make_stage, train, train_step
 
 from conftest import ROOT
 
@@ -49,13 +49,6 @@ def test_cosine_decay_reaches_zero_at_the_last_step(tiny_cfg):
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
 
 
-def test_ema_decay_warms_up(tiny_cfg):
-    stage = tiny_cfg.stages[1]  # ema_decay = 0.9
-    assert ema_decay(0, stage) == pytest.approx(0.1)
-    assert ema_decay(10, stage) == pytest.approx(11 / 20)
-    assert ema_decay(10_000, stage) == pytest.approx(0.9)
-
-
 def test_stage_meter_buckets_by_quartile_and_ignores_skipped_steps():
     meter = StageMeter(1000, torch.device("cpu"))
     meter.add(StepStats(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0, 249, 500, 999]),
@@ -85,6 +78,8 @@ def state_tensors(ckpt: dict):
     for index, entry in sorted(ckpt["stages"].items()):
         for part in ("model", "ema"):
             yield from ((f"{index}.{part}.{k}", v) for k, v in entry[part].items())
+        for std, state in entry.get("power_ema", {}).items():
+            yield from ((f"{index}.power_ema.{std}.{k}", v) for k, v in state.items())
         for pid, state in entry["optimizer"]["state"].items():
             yield from ((f"{index}.opt.{pid}.{k}", v) for k, v in state.items())
 
@@ -94,7 +89,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         return load_config(ROOT / "configs" / "tiny.yaml", [
             f"out_dir={tmp_path}", f"run_name={run}", "data.download=false", f"train.steps={steps}",
             "stages.0.model.dropout=0.1", "stages.1.model.dropout=0.1", "stages.1.optim.crop_size=16",
-            "stages.0.model.self_condition=true"])  # its coin too must resume in step
+            "stages.0.model.self_condition=true",  # its coin too must resume in step
+            "stages.0.optim.posthoc_ema_std=[0.1]"])  # and the power EMA its step count
 
     straight = torch.load(train(cfg("straight", 4), progress=False), weights_only=True)
     half = train(cfg("resumed", 2), progress=False)
