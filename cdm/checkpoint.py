@@ -207,6 +207,8 @@ def posthoc(src: str | os.PathLike, dst: str | os.PathLike, std: float, step: in
         raise UserError(f"posthoc: --std must be in (0, {MAX_EMA_STD}] (a relative std), got {std}")
     ckpt = load_checkpoint(src)
     step = int(ckpt["step"]) if step is None else step
+    if not 0 < step <= int(ckpt["step"]):
+        raise UserError(f"posthoc: --step must be in [1, {ckpt['step']}] (the steps '{src}' trained), got {step}")
     folder = src.parent / SNAPSHOT_DIR
     snapshots = [load_checkpoint(f, stages=[]) for f in sorted(folder.glob("*.pt"))]
     snapshots = [s for s in snapshots if int(s["step"]) <= step]

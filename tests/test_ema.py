@@ -5,6 +5,7 @@ import torch
 from cdm.checkpoint import SNAPSHOT_DIR, CheckpointError, posthoc
 from cdm.config import load_config
 from cdm.ema import PowerEMA, ema_decay, exponent, posthoc_weights, profile_error, relative_std
+from cdm.errors import UserError
 from cdm.train import train
 from conftest import ROOT, assert_one_line_error, run_script
 
@@ -104,6 +105,8 @@ def test_posthoc_errors_are_one_line(snapshot_run, tiny_cfg, tmp_path):
     proc = run_script("-m", "cdm.checkpoint", "posthoc", str(snapshot_run), str(tmp_path / "y.pt"),
                       "--std", "0.5", expect=2)
     assert_one_line_error(proc, "posthoc: --std must be in (0, 0.28]")
+    with pytest.raises(UserError, match=r"--step must be in \[1, 4\]"):
+        posthoc(snapshot_run, tmp_path / "z.pt", 0.1, step=5)
 
 
 def test_resume_needs_the_power_emas_it_is_asked_to_track(tiny_cfg):
@@ -111,5 +114,5 @@ def test_resume_needs_the_power_emas_it_is_asked_to_track(tiny_cfg):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"out_dir={tiny_cfg.out_dir}", "data.download=false", "train.steps=6",
         "stages.0.optim.posthoc_ema_std=[0.05]"])
-    with pytest.raises(Exception, match="tracked no power-function EMA with std 0.05 for stages.0"):
+    with pytest.raises(UserError, match="tracked no power-function EMA with std 0.05 for stages.0"):
         train(cfg, resume=plain, progress=False)
