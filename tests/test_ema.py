@@ -99,20 +99,17 @@ def test_a_run_saves_snapshots_and_posthoc_mixes_them(snapshot_run, tmp_path):
     assert 0 < errors[0] < 0.2
 
 
-def test_posthoc_errors_are_one_line(snapshot_run, tiny_cfg, tmp_path):
-    with pytest.raises(CheckpointError, match="no power-function EMA snapshots up to step 4"):
-        posthoc(train(tiny_cfg, progress=False), tmp_path / "x.pt", 0.1)
-    proc = run_script("-m", "cdm.checkpoint", "posthoc", str(snapshot_run), str(tmp_path / "y.pt"),
-                      "--std", "0.5", expect=2)
-    assert_one_line_error(proc, "posthoc: --std must be in (0, 0.28]")
-    with pytest.raises(UserError, match=r"--step must be in \[1, 4\]"):
-        posthoc(snapshot_run, tmp_path / "z.pt", 0.1, step=5)
-
-
-def test_resume_needs_the_power_emas_it_is_asked_to_track(tiny_cfg):
+def test_a_run_without_snapshots_cannot_be_mixed_or_resumed_with_them(snapshot_run, tiny_cfg, tmp_path):
     plain = train(tiny_cfg, progress=False)
+    with pytest.raises(CheckpointError, match="no power-function EMA snapshots up to step 4"):
+        posthoc(plain, tmp_path / "x.pt", 0.1)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"out_dir={tiny_cfg.out_dir}", "data.download=false", "train.steps=6",
         "stages.0.optim.posthoc_ema_std=[0.05]"])
     with pytest.raises(UserError, match="tracked no power-function EMA with std 0.05 for stages.0"):
         train(cfg, resume=plain, progress=False)
+    with pytest.raises(UserError, match=r"--step must be in \[1, 4\]"):
+        posthoc(snapshot_run, tmp_path / "z.pt", 0.1, step=5)
+    proc = run_script("-m", "cdm.checkpoint", "posthoc", str(snapshot_run), str(tmp_path / "y.pt"),
+                      "--std", "0.5", expect=2)
+    assert_one_line_error(proc, "posthoc: --std must be in (0, 0.28]")
