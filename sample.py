@@ -76,9 +76,11 @@ def make_guidance(args, cfg, ckpt: dict, base_classes: int, device) -> tuple[Gui
     if args.cfg_scale and not base_classes:
         raise UserError("--cfg-scale needs a class-conditional checkpoint (base.model.num_classes "
                         "> 0, trained with label dropout); this one is unconditional")
-    if (args.cfg_scale or args.unconditional) and not cfg.base.model.label_dropout:
-        raise UserError("--cfg-scale/--unconditional need a base trained with label dropout "
-                        "(stages.0.model.label_dropout > 0): this model never learned the null label")
+    if (args.cfg_scale or args.unconditional) and (not cfg.base.model.label_dropout or cfg.without_null_label):
+        lacking = cfg.without_null_label or [0]
+        raise UserError(f"--cfg-scale/--unconditional need a base trained with label dropout "
+                        f"(stages.0.model.label_dropout > 0), and so every class-conditional stage: "
+                        f"stage {lacking[0]} never learned the null label")
     if args.no_guidance and (args.classifier or args.guidance_scale is not None or args.cfg_scale is not None
                              or args.redraw is not None):
         raise UserError("--no-guidance samples unguided: drop --classifier, --guidance-scale, "
@@ -175,9 +177,10 @@ def main() -> None:
     base_classes = stages[0].model.num_classes if first == 0 else 0
     guidance, num_classes = make_guidance(args, cfg, ckpt, base_classes, device)
     conditional_sr = [s.index for s in stages if s.index > 0 and s.model.num_classes]
-    if given is not None and conditional_sr and args.labels is None:
-        raise UserError(f"--low-res: stage {conditional_sr[0]} is class-conditional; say which class "
-                        f"each image is with --labels")
+    null_sr = given is not None and bool(conditional_sr) and args.labels is None  # images with no label
+    if null_sr and set(conditional_sr) & set(cfg.without_null_label):
+        raise UserError(f"--low-res: stage {conditional_sr[0]} is class-conditional and was trained "
+                        f"without label dropout; say which class each image is with --labels")
     num_classes = num_classes or (stages[-1].model.num_classes if conditional_sr else 0)
     if (args.labels is not None or args.class_grid) and not num_classes:
         raise UserError("--labels/--class-grid need a class-conditional checkpoint or --classifier")
@@ -186,6 +189,8 @@ def main() -> None:
             raise UserError("--unconditional needs a class-conditional checkpoint, and no "
                             "--labels, --class-grid or --classifier")
         labels = torch.full((args.num_samples,), base_classes, device=device)
+    elif null_sr:  # the SR stages draw unconditionally: the null label, learned by label dropout
+        labels = torch.full((len(given),), num_classes, device=device)
     else:
         labels = requested_labels(args, num_classes, device)
     num_samples = args.num_samples if labels is None else len(labels)
@@ -212,7 +217,7 @@ def main() -> None:
               **{stage.name: to_uint8_nhwc(samples.outputs[stage.index]).numpy() for stage in stages[:-1]}}
     if given is not None:
         arrays["input"] = to_uint8_nhwc(given).numpy()
-    if samples.labels is not None and not args.unconditional:
+    if samples.labels is not None and not (args.unconditional or null_sr):
         arrays["labels"] = samples.labels.cpu().numpy()
         paths["labelled"] = save_labelled_grid(samples.images, samples.labels, out / "labelled.png")
     np.savez_compressed(out / "samples.npz", **arrays)

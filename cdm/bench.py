@@ -234,11 +234,13 @@ def main() -> None:
         size = stage.optim.crop_size or stage.image_size
         model = build_unet(stage.model, stage.image_size, channels, super_res)
 
-        def make_cond(n, hw, super_res=super_res):  # the SR stage gets a resized low-res input
+        def make_cond(n, hw, super_res=super_res, classes=stage.model.num_classes):
+            """The SR stage gets a resized low-res input; a class-conditional stage, labels."""
+            labels = torch.randint(0, classes, (n,), device=device) if classes else None
             if not super_res:
-                return {}
+                return {"y": labels} if classes else {}
             return sr_cond(torch.randn(n, channels, hw, hw, device=device),
-                           torch.randint(0, 200, (n,), device=device))
+                           torch.randint(0, 200, (n,), device=device), labels)
 
         rows.append(bench_model(name, model, size, stage.image_size, channels, stage.optim.batch_size,
                                 make_cond, device, bf16, args.steps, args.sample_batch, args.sample_steps,

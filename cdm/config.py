@@ -202,9 +202,9 @@ class Config:
         _check(g.cfg_scale >= 0, "guidance.cfg_scale", ">= 0", g.cfg_scale)
         _check(g.redraw >= 0, "guidance.redraw", ">= 0", g.redraw)
         _check(0 <= g.redraw_confidence < 1, "guidance.redraw_confidence", "in [0, 1)", g.redraw_confidence)
-        _check(g.cfg_scale == 0 or self.base.model.label_dropout > 0, "guidance.cfg_scale",
-               "0 unless stages.0.model.label_dropout > 0 (without it the null label is never learned)",
-               g.cfg_scale)
+        _check(g.cfg_scale == 0 or (self.base.model.label_dropout > 0 and not self.without_null_label),
+               "guidance.cfg_scale", "0 unless stages.0.model.label_dropout > 0, and so for every "
+               "class-conditional stage (without it the null label is never learned)", g.cfg_scale)
         t = self.train
         _check(t.steps > 0, "train.steps", "> 0", t.steps)
         _check(t.max_minutes >= 0, "train.max_minutes", ">= 0 (0: no limit)", t.max_minutes)
@@ -230,6 +230,12 @@ class Config:
     def base(self) -> StageConfig:
         """stages[0], the stage that generates from noise (guidance and the classifier use it)."""
         return self.stages[0]
+
+    @property
+    def without_null_label(self) -> list[int]:
+        """Class-conditional stages trained without label dropout: they never learned the null
+        label that classifier-free guidance and unconditional sampling feed them."""
+        return [i for i, s in enumerate(self.stages) if s.model.num_classes and not s.model.label_dropout]
 
     @property
     def trained_stages(self) -> list[int]:

@@ -322,16 +322,37 @@ def test_classifier_for_another_base_schedule_is_refused(guided_run, tmp_path):
     check_fits(classifier_cfg, reweighted, guided_run)
 
 
-def test_conditional_sr_stage_trains_with_label_dropout_and_samples_under_cfg(tmp_path):
+def test_conditional_sr_stage_trains_with_label_dropout_and_samples_under_cfg(tmp_path, capsys):
     cfg = guided_cfg(tmp_path, "stages.1.model.num_classes=10", "stages.1.model.label_dropout=0.5",
                      "train.steps=2", "train.sample_every=0")
-    _, stages, _ = load_cascade(train(cfg, progress=False), "cpu")
+    path = train(cfg, progress=False)
+    _, stages, _ = load_cascade(path, "cpu")
     assert stages[1].model.num_classes == 10
     labels = torch.tensor([1, 4, 9])
     out = sample_cascade(stages, 3, labels=labels, generator=torch.Generator().manual_seed(0),
                          guidance=Guidance(cfg_scale=2.0))
     assert out.images.shape == (3, 1, 32, 32) and torch.isfinite(out.images).all()
     assert torch.equal(out.labels, labels)
+
+    # your own 8x8 images carry no label: the SR stage draws with the null label it learned
+    images = tmp_path / "mine.npz"
+    np.savez(images, images=np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8))
+    common = ["--checkpoint", str(path), "--low-res", str(images), "--device", "cpu"]
+    run_in_process("sample.py", *common, "--out", str(tmp_path / "null"), capsys=capsys)
+    run_in_process("sample.py", *common, "--labels", "3", "--out", str(tmp_path / "three"), capsys=capsys)
+    null, three = (np.load(tmp_path / name / "samples.npz") for name in ("null", "three"))
+    assert "labels" not in null and null["images"].shape == (2, 32, 32, 1)
+    assert list(three["labels"]) == [3, 3]
+    assert not np.array_equal(null["images"], three["images"])  # the label reaches the SR stage
+
+    no_dropout = train(guided_cfg(tmp_path / "b", "stages.1.model.num_classes=10", "train.steps=1",
+                                  "train.sample_every=0", "classifier=null"), progress=False)
+    proc = run_in_process("sample.py", "--checkpoint", str(no_dropout), "--low-res", str(images), "--device",
+                          "cpu", expect=2, capsys=capsys)
+    assert_one_line_error(proc, "--low-res: stage 1 is class-conditional and was trained without label dropout")
+    proc = run_in_process("sample.py", "--checkpoint", str(no_dropout), "--unconditional", "--device", "cpu",
+                          expect=2, capsys=capsys)
+    assert_one_line_error(proc, "stage 1 never learned the null label")
 
 
 def test_asked_labels_follow_the_checkpoints_stored_guidance_and_no_guidance_turns_it_off(guided_run, tmp_path,
