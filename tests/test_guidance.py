@@ -16,7 +16,7 @@ from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, check_fits, loa
 from cdm.train import make_stage, run_step, train
 from cdm.unet import build_unet
 
-from conftest import ROOT, assert_one_line_error, run_in_process, run_script
+from conftest import ROOT, assert_one_line_error, run_in_process
 
 GUIDED = ["classifier={model: {channels: 16, norm_groups: 8, num_heads: 2}, "
           "optim: {batch_size: 16, lr: 3.0e-3, warmup_steps: 2, ema_decay: 0.9}}",
@@ -261,29 +261,29 @@ def test_cfg_interval_guides_only_inside_it():
 # --------------------------------------------------------------------- sample.py
 
 
-def test_sample_class_grid_with_both_guidances_writes_labels(guided_run, tmp_path):
-    run_script("sample.py", "--checkpoint", str(guided_run), "--class-grid", "--num-samples", "20",
-               "--cfg-scale", "1", "--classifier", str(guided_run), "--guidance-scale", "2",
-               "--out", str(tmp_path), "--device", "cpu")
+def test_sample_class_grid_with_both_guidances_writes_labels(guided_run, tmp_path, capsys):
+    run_in_process("sample.py", "--checkpoint", str(guided_run), "--class-grid", "--num-samples", "20",
+                   "--cfg-scale", "1", "--classifier", str(guided_run), "--guidance-scale", "2",
+                   "--out", str(tmp_path), "--device", "cpu", capsys=capsys)
     data = np.load(tmp_path / "samples.npz")
     assert data["images"].shape == (20, 32, 32, 1)
     assert data["labels"].tolist() == [d for d in range(10) for _ in range(2)]
     assert (tmp_path / "labelled.png").is_file()
 
 
-def test_sample_unconditional_uses_the_null_label(guided_run, tmp_path):
-    run_script("sample.py", "--checkpoint", str(guided_run), "--unconditional", "--num-samples", "4",
-               "--out", str(tmp_path), "--device", "cpu")
+def test_sample_unconditional_uses_the_null_label(guided_run, tmp_path, capsys):
+    run_in_process("sample.py", "--checkpoint", str(guided_run), "--unconditional", "--num-samples", "4",
+                   "--out", str(tmp_path), "--device", "cpu", capsys=capsys)
     data = np.load(tmp_path / "samples.npz")
     assert data["images"].shape == (4, 32, 32, 1) and "labels" not in data
-    proc = run_script("sample.py", "--checkpoint", str(guided_run), "--unconditional", "--labels", "3",
-                      "--device", "cpu", expect=2)
+    proc = run_in_process("sample.py", "--checkpoint", str(guided_run), "--unconditional", "--labels", "3",
+                          "--device", "cpu", expect=2, capsys=capsys)
     assert_one_line_error(proc, "--unconditional needs a class-conditional checkpoint, and no")
 
 
-def test_sample_labels_repeat_to_fill(guided_run, tmp_path):
-    run_script("sample.py", "--checkpoint", str(guided_run), "--labels", "3,7", "--num-samples", "5",
-               "--out", str(tmp_path), "--device", "cpu")
+def test_sample_labels_repeat_to_fill(guided_run, tmp_path, capsys):
+    run_in_process("sample.py", "--checkpoint", str(guided_run), "--labels", "3,7", "--num-samples", "5",
+                   "--out", str(tmp_path), "--device", "cpu", capsys=capsys)
     assert np.load(tmp_path / "samples.npz")["labels"].tolist() == [3, 7, 3, 7, 3]
 
 
@@ -294,8 +294,9 @@ def test_sample_labels_repeat_to_fill(guided_run, tmp_path):
     (["--cfg-scale", "-2"], "argument --cfg-scale: expected a scale >= 0, got '-2'"),
     (["--no-guidance", "--guidance-scale", "1"], "--no-guidance samples unguided: drop --classifier"),
 ])
-def test_sample_guidance_flags_fail_with_one_line(guided_run, flags, message):
-    proc = run_script("sample.py", "--checkpoint", str(guided_run), "--device", "cpu", *flags, expect=2)
+def test_sample_guidance_flags_fail_with_one_line(guided_run, flags, message, capsys):
+    proc = run_in_process("sample.py", "--checkpoint", str(guided_run), "--device", "cpu", *flags, expect=2,
+                          capsys=capsys)
     assert_one_line_error(proc, message)
 
 
@@ -374,14 +375,15 @@ def test_asked_labels_follow_the_checkpoints_stored_guidance_and_no_guidance_tur
     assert not np.array_equal(images["default"], images["off"])
 
 
-def test_cfg_and_the_null_label_need_label_dropout(tmp_path):
+def test_cfg_and_the_null_label_need_label_dropout(tmp_path, capsys):
     with pytest.raises(ConfigError, match="config key 'guidance.cfg_scale': expected 0 unless "
                                           "stages.0.model.label_dropout > 0"):
         guided_cfg(tmp_path, "stages.0.model.label_dropout=0", "guidance.cfg_scale=1")
     path = train(guided_cfg(tmp_path, "stages.0.model.label_dropout=0", "classifier=null", "train.steps=1",
                             "train.sample_every=0"), progress=False)
     for flags in (["--unconditional"], ["--cfg-scale", "2"]):
-        proc = run_script("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2)
+        proc = run_in_process("sample.py", "--checkpoint", str(path), "--device", "cpu", *flags, expect=2,
+                              capsys=capsys)
         assert_one_line_error(proc, "need a base trained with label dropout (stages.0.model.label_dropout > 0)")
 
 
