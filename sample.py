@@ -177,7 +177,7 @@ def main() -> None:
     base_classes = stages[0].model.num_classes if first == 0 else 0
     guidance, num_classes = make_guidance(args, cfg, ckpt, base_classes, device)
     conditional_sr = [s.index for s in stages if s.index > 0 and s.model.num_classes]
-    null_sr = given is not None and bool(conditional_sr) and args.labels is None  # images with no label
+    null_sr = given is not None and bool(conditional_sr) and args.labels is None and not args.class_grid
     if null_sr and set(conditional_sr) & set(cfg.without_null_label):
         raise UserError(f"--low-res: stage {conditional_sr[0]} is class-conditional and was trained "
                         f"without label dropout; say which class each image is with --labels")
@@ -189,7 +189,7 @@ def main() -> None:
             raise UserError("--unconditional needs a class-conditional checkpoint, and no "
                             "--labels, --class-grid or --classifier")
         labels = torch.full((args.num_samples,), base_classes, device=device)
-    elif null_sr:  # the SR stages draw unconditionally: the null label, learned by label dropout
+    elif null_sr:  # your images carry no label: the null label, which label dropout trained
         labels = torch.full((len(given),), num_classes, device=device)
     else:
         labels = requested_labels(args, num_classes, device)

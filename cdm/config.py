@@ -83,7 +83,8 @@ class OptimConfig:
     crop_size: int = 0  # >0: train on random square patches of this size (SR stage); 0 = whole image
     posthoc_ema_std: list[float] = field(default_factory=list)  # relative stds of power-function EMAs
     # (Karras et al. 2024) tracked beside ema_decay's and saved every train.save_every steps to
-    # output/<run>/ema_snapshots/, e.g. [0.05, 0.1]: python -m cdm.checkpoint posthoc mixes any other
+    # output/<run>/ema_snapshots/, e.g. [0.05, 0.1], which python -m cdm.checkpoint posthoc mixes
+    # into an EMA of any other length after training (cdm/ema.py); [] tracks none
 
 
 @dataclass
