@@ -153,6 +153,18 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
             "peak_memory_MB": peak_memory_mb(device)}
 
 
+def stage_cond(stage: StageConfig, super_res: bool, n: int, channels: int, hw: int,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Random conditioning of the kind the stage takes, for n inputs at hw x hw: the SR stage a
+    resized low-res input and an augmentation level, a class-conditional stage labels."""
+    classes = stage.model.num_classes
+    labels = torch.randint(0, classes, (n,), device=device) if classes else None
+    if not super_res:
+        return {"y": labels} if classes else {}
+    return sr_cond(torch.randn(n, channels, hw, hw, device=device),
+                   torch.randint(0, 200, (n,), device=device), labels)
+
+
 def diffusers_anchor(channels: int) -> torch.nn.Module:
     """diffusers' UNet2DModel at the anchor layout, wrapped to take (x, t) and return a tensor."""
     try:
@@ -234,13 +246,8 @@ def main() -> None:
         size = stage.optim.crop_size or stage.image_size
         model = build_unet(stage.model, stage.image_size, channels, super_res)
 
-        def make_cond(n, hw, super_res=super_res, classes=stage.model.num_classes):
-            """The SR stage gets a resized low-res input; a class-conditional stage, labels."""
-            labels = torch.randint(0, classes, (n,), device=device) if classes else None
-            if not super_res:
-                return {"y": labels} if classes else {}
-            return sr_cond(torch.randn(n, channels, hw, hw, device=device),
-                           torch.randint(0, 200, (n,), device=device), labels)
+        def make_cond(n, hw, stage=stage, super_res=super_res):
+            return stage_cond(stage, super_res, n, channels, hw, device)
 
         rows.append(bench_model(name, model, size, stage.image_size, channels, stage.optim.batch_size,
                                 make_cond, device, bf16, args.steps, args.sample_batch, args.sample_steps,
