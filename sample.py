@@ -76,7 +76,7 @@ def make_guidance(args, cfg, ckpt: dict, base_classes: int, device) -> tuple[Gui
     if args.cfg_scale and not base_classes:
         raise UserError("--cfg-scale needs a class-conditional checkpoint (base.model.num_classes "
                         "> 0, trained with label dropout); this one is unconditional")
-    if (args.cfg_scale or args.unconditional) and (not cfg.base.model.label_dropout or cfg.without_null_label):
+    if (args.cfg_scale or args.unconditional) and not cfg.null_label_learned:
         lacking = cfg.without_null_label or [0]
         raise UserError(f"--cfg-scale/--unconditional need a base trained with label dropout "
                         f"(stages.0.model.label_dropout > 0), and so every class-conditional stage: "

@@ -203,7 +203,7 @@ class Config:
         _check(g.cfg_scale >= 0, "guidance.cfg_scale", ">= 0", g.cfg_scale)
         _check(g.redraw >= 0, "guidance.redraw", ">= 0", g.redraw)
         _check(0 <= g.redraw_confidence < 1, "guidance.redraw_confidence", "in [0, 1)", g.redraw_confidence)
-        _check(g.cfg_scale == 0 or (self.base.model.label_dropout > 0 and not self.without_null_label),
+        _check(g.cfg_scale == 0 or self.null_label_learned,
                "guidance.cfg_scale", "0 unless stages.0.model.label_dropout > 0, and so for every "
                "class-conditional stage (without it the null label is never learned)", g.cfg_scale)
         t = self.train
@@ -237,6 +237,12 @@ class Config:
         """Class-conditional stages trained without label dropout: they never learned the null
         label that classifier-free guidance and unconditional sampling feed them."""
         return [i for i, s in enumerate(self.stages) if s.model.num_classes and not s.model.label_dropout]
+
+    @property
+    def null_label_learned(self) -> bool:
+        """Classifier-free guidance and unconditional sampling can run: the base is class-conditional
+        with label dropout, and so is every other class-conditional stage."""
+        return self.base.model.label_dropout > 0 and not self.without_null_label
 
     @property
     def trained_stages(self) -> list[int]:

@@ -386,8 +386,7 @@ def label_guidance(args, cfg, ckpt: dict, path: str, base_classes: int, noisy: t
     sweeps), as sample.py's defaults: none with --no-guidance, else the config's guidance section
     (noisy_classifier.default_guidance), with --noisy-classifier's classifier (loaded once,
     `noisy`: (classifier, its config, its path))."""
-    if any(args.cfg_scale or []) and not (base_classes and cfg.base.model.label_dropout
-                                          and not cfg.without_null_label):
+    if any(args.cfg_scale or []) and not (base_classes and cfg.null_label_learned):
         raise UserError(f"--cfg-scale: '{path}' is not class-conditional with label dropout "
                         f"(stages.0.model.label_dropout > 0), so it has no null label to guide with")
     if args.no_guidance:

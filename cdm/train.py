@@ -259,7 +259,7 @@ def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
         entry = {"model": stage.model.state_dict(), "ema": stage.ema.state_dict(),
                  "optimizer": stage.optimizer.state_dict(), "step": step}
         if stage.power_emas:
-            entry["power_ema"] = power_ema_states(stage)
+            entry["power_ema"] = {average.key: average.average.state_dict() for average in stage.power_emas}
         if stage.index is None:
             payload[CLASSIFIER] = entry
         else:
@@ -267,19 +267,14 @@ def checkpoint_payload(cfg: Config, stages: dict[str, TrainStage], step: int,
     return payload
 
 
-def power_ema_states(stage: TrainStage) -> dict[str, dict]:
-    """{'0.05': state_dict, ...}: the stage's power-function EMAs by relative std."""
-    return {average.key: average.average.state_dict() for average in stage.power_emas}
-
-
-def snapshot_payload(cfg: Config, stages: dict[str, TrainStage], step: int) -> dict | None:
-    """The power-function EMAs of every stage that tracks them, at this step, in the checkpoint
+def snapshot_payload(payload: dict) -> dict | None:
+    """The power-function EMAs of a checkpoint payload's stages that track them, in the same
     layout (stages {index: {"power_ema": {std: state_dict}, "step"}}); None when none does."""
-    tracked = {s.index: {"power_ema": power_ema_states(s), "step": step}
-               for s in stages.values() if s.power_emas and s.index is not None}
+    tracked = {i: {"power_ema": entry["power_ema"], "step": entry["step"]}
+               for i, entry in payload["stages"].items() if "power_ema" in entry}
     if not tracked:
         return None
-    return {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "step": step, "stages": tracked}
+    return {**{k: payload[k] for k in ("format_version", "config", "step")}, "stages": tracked}
 
 
 def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
@@ -470,8 +465,9 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     def save() -> Path:
         rng_states = gather(info, rng_state(generator))  # every rank takes part
         if info.is_main:
-            save_checkpoint(checkpoint_payload(cfg, stages, step, rng_states, metrics), ckpt_path)
-            snapshot = snapshot_payload(cfg, stages, step)
+            payload = checkpoint_payload(cfg, stages, step, rng_states, metrics)
+            save_checkpoint(payload, ckpt_path)
+            snapshot = snapshot_payload(payload)
             if snapshot is not None:  # for python -m cdm.checkpoint posthoc
                 save_checkpoint(snapshot, cfg.run_dir / SNAPSHOT_DIR / f"{step:07d}.pt")
         return ckpt_path
