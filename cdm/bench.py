@@ -127,7 +127,7 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
     flops_per_image = counter.get_total_flops() / batch
     compile_s = {}
     if compile_model:
-        model = torch.compile(eager)
+        model = torch.compile(eager, dynamic=False)
         compile_s["train_compile_s"] = time_calls(train_step, device, warmup=0, repeats=1)
     seconds = time_calls(train_step, device, warmup=2, repeats=steps)
 

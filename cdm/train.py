@@ -101,8 +101,8 @@ def make_stage(cfg: Config, index: int | None, device: torch.device, compile_mod
     forward = model
     if data_parallel:  # gradients are averaged across ranks during backward
         forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if compile_model:
-        forward = torch.compile(forward)
+    if compile_model:  # static shapes: each stage (same UNet class, other sizes) gets its own graph
+        forward = torch.compile(forward, dynamic=False)
     return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, cfg.train.steps, diffusion, low_res,
                       power_emas)
 
