@@ -178,8 +178,9 @@ def main() -> None:
     guidance, num_classes = make_guidance(args, cfg, ckpt, base_classes, device)
     conditional_sr = [s.index for s in stages if s.index > 0 and s.model.num_classes]
     null_sr = given is not None and bool(conditional_sr) and args.labels is None and not args.class_grid
-    if null_sr and set(conditional_sr) & set(cfg.without_null_label):
-        raise UserError(f"--low-res: stage {conditional_sr[0]} is class-conditional and was trained "
+    unlearned = [i for i in conditional_sr if i in cfg.without_null_label]
+    if null_sr and unlearned:
+        raise UserError(f"--low-res: stage {unlearned[0]} is class-conditional and was trained "
                         f"without label dropout; say which class each image is with --labels")
     num_classes = num_classes or (stages[-1].model.num_classes if conditional_sr else 0)
     if (args.labels is not None or args.class_grid) and not num_classes:
