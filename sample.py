@@ -6,6 +6,7 @@
     python sample.py --checkpoint CKPT --num-samples 1000 --aug-level 0 --aug-mode non_truncated
     python sample.py --checkpoint CKPT --sampler ddpm --steps 1000 --device cpu
     python sample.py --checkpoint CKPT --base-sampler ddpm --base-steps 1000   # best FD, 17x slower
+    python sample.py --checkpoint CKPT --spacing quadratic      # last calls near t = 0 (docs 9.12)
     python sample.py --checkpoint COND_CKPT --class-grid --cfg-scale 1          # a row per digit
     python sample.py --checkpoint COND_CKPT --labels 3           # its stored guidance draws them
     python sample.py --checkpoint COND_CKPT --labels 3 --no-guidance   # the conditional model alone
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from cdm.cascade import load_cascade, sample_cascade, with_augment, with_sampler
-from cdm.config import AUG_MODES, SAMPLERS
+from cdm.config import AUG_MODES, SAMPLERS, SPACINGS
 from cdm.data import downsample, to_uint8_nhwc
 from cdm.datasets import load_images
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--base-steps", type=positive, help="denoising steps of the base stage")
     parser.add_argument("--sr-steps", type=positive, help="denoising steps of every SR stage")
     parser.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--spacing", choices=SPACINGS, help="the states every stage's sampler visits: "
+                        "uniform in t or quadratic, denser near the clean end (default: config)")
     parser.add_argument("--aug-level", type=int, help="conditioning augmentation level s of every "
                                                       "SR stage (default: each stage's config)")
     parser.add_argument("--aug-mode", choices=AUG_MODES, help="default: each stage's config")
@@ -161,7 +164,8 @@ def main() -> None:
     cfg, stages, ckpt = load_cascade(args.checkpoint, device, use_ema=not args.raw_weights)
     stages = [with_sampler(with_augment(stage, aug_level=args.aug_level, aug_mode=args.aug_mode),
                            name=(args.base_sampler if stage.index == 0 else args.sr_sampler) or args.sampler,
-                           eta=args.eta, steps=(args.base_steps if stage.index == 0 else args.sr_steps) or args.steps)
+                           eta=args.eta, spacing=args.spacing,
+                           steps=(args.base_steps if stage.index == 0 else args.sr_steps) or args.steps)
               for stage in stages]
     for stage in stages[1:]:
         aug = stage.cfg.augment
@@ -222,7 +226,8 @@ def main() -> None:
         arrays["labels"] = samples.labels.cpu().numpy()
         paths["labelled"] = save_labelled_grid(samples.images, samples.labels, out / "labelled.png")
     np.savez_compressed(out / "samples.npz", **arrays)
-    chain = ", ".join(f"{s.name} {s.cfg.sampler.name}-{s.cfg.sampler.steps}" + (
+    chain = ", ".join(f"{s.name} {s.cfg.sampler.name}-{s.cfg.sampler.steps}"
+        + " quadratic" * (s.cfg.sampler.spacing == "quadratic") + (
         f" (aug_level {s.cfg.augment.aug_level} {s.cfg.augment.aug_mode})" if s.index else "") for s in stages)
     print(f"{num_samples} samples in {seconds:.1f}s on {device} (step {ckpt['step']}; {chain}; "
           f"cfg_scale {guidance.cfg_scale}, classifier guidance {guidance.classifier_scale}, "

@@ -92,6 +92,8 @@ class SamplerConfig:
     name: str = "ddim"  # ddpm (ancestral, DDPM Alg. 2) | ddim (Song et al. 2021) | dpm++2m (Lu et al.)
     steps: int = 50  # number of denoising steps (ddpm with steps < T uses a respaced chain)
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance
+    spacing: str = "uniform"  # the states a sampler visits: uniform in t, or quadratic (denser
+    # near the clean end, Song et al. 2021 appendix D.2), whose last model call sees less noise
     clip_x0: bool = True  # clamp the predicted x0 to [-1, 1] at every step
 
 
@@ -269,6 +271,7 @@ AUG_MODES = ("truncated", "non_truncated")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SPACINGS = ("uniform", "quadratic")
 
 
 def _check(ok: bool, key: str, expected: str, got) -> None:
@@ -295,6 +298,7 @@ def _validate_stage(stage: StageConfig, i: int, prev: StageConfig | None) -> Non
     _check(1 <= s.steps <= d.timesteps, f"{name}.sampler.steps",
            f"in [1, {name}.diffusion.timesteps = {d.timesteps}]", s.steps)
     _check(0.0 <= s.eta <= 1.0, f"{name}.sampler.eta", "in [0, 1]", s.eta)
+    _check(s.spacing in SPACINGS, f"{name}.sampler.spacing", " or ".join(SPACINGS), s.spacing)
     if prev is None:
         _check(stage.augment is None, f"{name}.augment",
                "no augment section on the base stage (it has no low-res input)", stage.augment)

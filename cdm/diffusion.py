@@ -182,11 +182,16 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ sampling
 
-    def timesteps(self, steps: int, end: int = -1) -> list[int]:
-        """`steps`+1 descending states from T-1 down to `end` (-1 = clean), evenly spaced; a
-        sampler evaluates the model at all but the last and steps from each to the next."""
+    def timesteps(self, steps: int, end: int = -1, spacing: str = "uniform") -> list[int]:
+        """`steps`+1 descending states from T-1 down to `end` (-1 = clean); a sampler evaluates
+        the model at all but the last and steps from each to the next. uniform: evenly spaced;
+        quadratic: at end + (T-1-end) (i/steps)^2 (Song et al. 2021, appendix D.2), denser near
+        the clean end, so the last call, whose x0 estimate is the output, sees less noise."""
         steps = max(1, min(steps, self.num_timesteps - 1 - end))
-        points = torch.linspace(self.num_timesteps - 1, end, steps + 1, dtype=torch.float64)
+        fraction = torch.linspace(1, 0, steps + 1, dtype=torch.float64)  # (steps + 1,) from T-1 to end
+        if spacing == "quadratic":
+            fraction = fraction ** 2
+        points = end + (self.num_timesteps - 1 - end) * fraction
         return sorted({int(p) for p in points.round()}, reverse=True)
 
     def p_sample(self, model, x_t, t, t_prev, cond, clip_x0, generator=None, score_fn=None):
@@ -262,7 +267,7 @@ class GaussianDiffusion:
         needs). `ddpm` with steps = T - 1 - end is the full ancestral chain. score_fn, when
         given, is classifier guidance (see guidance.py)."""
         x, history = noise, None
-        points = self.timesteps(sampler.steps, end)
+        points = self.timesteps(sampler.steps, end, sampler.spacing)
         batch = noise.shape[0]
         for t, t_prev in zip(points[:-1], points[1:]):
             t_batch = torch.full((batch,), t, device=x.device, dtype=torch.long)

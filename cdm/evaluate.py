@@ -4,7 +4,7 @@
     python -m cdm.evaluate --checkpoint CKPT --num-samples 10000 --seeds 0,1,2
     python -m cdm.evaluate --checkpoint CKPT --aug-level 0,25,50,100,200 \
         --aug-mode truncated,non_truncated --plot --out output/eval_aug      # a sweep: one loop
-    python -m cdm.evaluate --checkpoint CKPT --base-steps 10,25,50 --sr-steps 2,5,10
+    python -m cdm.evaluate --checkpoint CKPT --base-steps 10,25,50 --sr-steps 2,5,10 --spacing uniform,quadratic
     python -m cdm.evaluate --checkpoint COND_CKPT --cfg-scale 0,1,3 --guidance-scale 0,1,3,10
 
 Every set of samples is scored in two feature spaces, those of the two evaluation networks of
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from cdm import metrics
 from cdm.cascade import Stage, load_cascade, sample_cascade, with_augment, with_sampler
 from cdm.classifier import DEFAULT_PATHS, load_classifier
-from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS
+from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS, SPACINGS
 from cdm.data import downsample, to_unit_range
 from cdm.datasets import load_mnist, load_npz_images
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli, scale_list
@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--sr-sampler", choices=SAMPLERS, help="default: config")
     parser.add_argument("--base-steps", type=int_list, help="one or more base step counts")
     parser.add_argument("--sr-steps", type=int_list, help="one or more SR step counts")
+    parser.add_argument("--spacing", help="the states every stage's sampler visits: uniform, "
+                        "quadratic or both comma-separated (default: config)")
     parser.add_argument("--cfg-scale", type=scale_list, help="classifier-free guidance weights, "
                         "e.g. 0,1,3 (default: config; needs a conditional checkpoint)")
     parser.add_argument("--guidance-scale", type=scale_list, help="classifier guidance scales, e.g. "
@@ -284,6 +286,10 @@ def main() -> None:
     for mode in modes:
         if mode is not None and mode not in AUG_MODES:
             raise UserError(f"--aug-mode {mode!r}: expected {' or '.join(AUG_MODES)}")
+    spacings = args.spacing.split(",") if args.spacing else [None]
+    for spacing in spacings:
+        if spacing is not None and spacing not in SPACINGS:
+            raise UserError(f"--spacing {spacing!r}: expected {' or '.join(SPACINGS)}")
     for key in ("num_samples", "floor_draws"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a positive number")
@@ -320,12 +326,12 @@ def main() -> None:
                                 f"on levels 0..{stage.cfg.augment.max_level}; choose levels in that range")
         guidance = label_guidance(args, cfg, ckpt, path, stages[0].model.num_classes, noisy, device)
         top = stages[-1].cfg.augment  # the row shows the top SR stage's level and mode (None: 1 stage)
-        for level, mode, base_steps, sr_steps, cfg_scale, scale in itertools.product(
-                args.aug_level or [None], modes, args.base_steps or [None],
+        for level, mode, spacing, base_steps, sr_steps, cfg_scale, scale in itertools.product(
+                args.aug_level or [None], modes, spacings, args.base_steps or [None],
                 args.sr_steps or [None], args.cfg_scale or [guidance.cfg_scale],
                 args.guidance_scale or [guidance.classifier_scale]):
             chain = [with_sampler(with_augment(stage, aug_level=level, aug_mode=mode),
-                                  steps=base_steps if stage.index == 0 else sr_steps,
+                                  steps=base_steps if stage.index == 0 else sr_steps, spacing=spacing,
                                   name=args.base_sampler if stage.index == 0 else args.sr_sampler)
                      for stage in stages]
             level, mode = (chain[-1].cfg.augment.aug_level, chain[-1].cfg.augment.aug_mode) if top else (0, "")
@@ -342,7 +348,8 @@ def main() -> None:
                                "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
             guided = (f", cfg {cfg_scale:g}" * bool(chain[0].model.num_classes) + f", cg {scale:g}" * bool(scale)
                       + f", {guidance.redraw_text}" * bool(guidance.redraw))
-            samplers = "/".join(f"{s.cfg.sampler.name}-{s.cfg.sampler.steps}" for s in chain)
+            samplers = "/".join(f"{s.cfg.sampler.name}-{s.cfg.sampler.steps}"
+                                + " quadratic" * (s.cfg.sampler.spacing == "quadratic") for s in chain)
             rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, {samplers}{guided})",
                          "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,
                          "guidance_scale": scale, "spread": f"{len(args.seeds)} seeds", **mean_std(scored)})

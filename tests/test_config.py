@@ -62,6 +62,7 @@ def test_old_two_stage_keys_are_refused_with_the_new_layout():
     (["stages.0.model.norm_groups=48"], "'stages.0.model.norm_groups': expected a divisor"),
     (["stages.0.diffusion.schedule=sigmoid"], "'stages.0.diffusion.schedule': expected linear or cosine"),
     (["stages.1.sampler.steps=0"], "'stages.1.sampler.steps': expected in [1"),
+    (["stages.1.sampler.spacing=karras"], "'stages.1.sampler.spacing': expected uniform or quadratic"),
     (["stages.0.optim.lr=-1"], "'stages.0.optim.lr': expected > 0"),
     (["stages.1.optim.crop_size=10"], "'stages.1.optim.crop_size': expected 0 or a size <= 32 divisible by 4"),
     (["stages.0.optim.posthoc_ema_std=[0.05, 0.3]"], "'stages.0.optim.posthoc_ema_std': expected distinct relative stds in (0, 0.28]"),

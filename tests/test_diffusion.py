@@ -123,6 +123,15 @@ def test_timesteps_sequence():
     assert all(a > b for a, b in zip(short, short[1:]))
 
 
+def test_quadratic_spacing_is_denser_near_the_clean_end():
+    d = GaussianDiffusion(DiffusionConfig(timesteps=1000))
+    uniform, quadratic = d.timesteps(3), d.timesteps(3, spacing="quadratic")
+    assert uniform == [999, 666, 332, -1]
+    assert quadratic[0] == 999 and quadratic[-1] == -1 and len(quadratic) == 4
+    assert quadratic[-2] < uniform[-2] / 2  # the last model call (the output's x0) sees less noise
+    assert d.timesteps(10, end=49, spacing="quadratic")[-1] == 49  # a truncated chain still stops at s - 1
+
+
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m"])
 def test_full_loop_with_zero_model(name):
     d = GaussianDiffusion(DiffusionConfig(timesteps=50))

@@ -42,7 +42,7 @@ def test_sampling_is_deterministic_for_a_seed(trained, tmp_path):
     for name in ("a", "b"):
         run("sample.py", "--checkpoint", str(trained / "checkpoint.pt"), "--num-samples", "4",
             "--seed", "3", "--out", str(tmp_path / name), "--device", "cpu", "--sampler", "ddpm",
-            "--steps", "5")
+            "--steps", "5", "--spacing", "quadratic")
         arrays.append(np.load(tmp_path / name / "samples.npz")["images"])
     assert np.array_equal(*arrays)
 
@@ -53,6 +53,8 @@ def test_sampling_is_deterministic_for_a_seed(trained, tmp_path):
     (["train_mnist.py", "--config", "configs/missing.yaml"], "config file 'configs/missing.yaml': cannot read it"),
     (["sample.py", "--checkpoint", "nowhere.pt"], "checkpoint 'nowhere.pt': no such file"),
     (["sample.py", "--checkpoint", "configs/tiny.yaml"], "not a torch checkpoint file"),
+    (["-m", "cdm.evaluate", "--npz", "s.npz", "--spacing", "karras"],
+     "--spacing 'karras': expected uniform or quadratic"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message):
     assert_one_line_error(run(*args, expect=2), message)
