@@ -226,8 +226,7 @@ def main() -> None:
         arrays["labels"] = samples.labels.cpu().numpy()
         paths["labelled"] = save_labelled_grid(samples.images, samples.labels, out / "labelled.png")
     np.savez_compressed(out / "samples.npz", **arrays)
-    chain = ", ".join(f"{s.name} {s.cfg.sampler.name}-{s.cfg.sampler.steps}"
-        + " quadratic" * (s.cfg.sampler.spacing == "quadratic") + (
+    chain = ", ".join(f"{s.name} {s.cfg.sampler.label}" + (
         f" (aug_level {s.cfg.augment.aug_level} {s.cfg.augment.aug_mode})" if s.index else "") for s in stages)
     print(f"{num_samples} samples in {seconds:.1f}s on {device} (step {ckpt['step']}; {chain}; "
           f"cfg_scale {guidance.cfg_scale}, classifier guidance {guidance.classifier_scale}, "

@@ -96,6 +96,11 @@ class SamplerConfig:
     # near the clean end, Song et al. 2021 appendix D.2), whose last model call sees less noise
     clip_x0: bool = True  # clamp the predicted x0 to [-1, 1] at every step
 
+    @property
+    def label(self) -> str:
+        """How sample.py and cdm.evaluate name it, e.g. dpm++2m-10 or dpm++2m-10 quadratic."""
+        return f"{self.name}-{self.steps}" + f" {self.spacing}" * (self.spacing != "uniform")
+
 
 @dataclass
 class AugmentConfig:

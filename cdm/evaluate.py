@@ -200,6 +200,16 @@ def sr_report(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, space
     return rows
 
 
+def choice_list(flag: str, text: str | None, choices: tuple[str, ...]) -> list[str | None]:
+    """A comma-separated option value, each part one of `choices`; [None] (each stage's config)
+    when the option was not given."""
+    values = text.split(",") if text else [None]
+    for value in values:
+        if value is not None and value not in choices:
+            raise UserError(f"{flag} {value!r}: expected {' or '.join(choices)}")
+    return values
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """Rows as a markdown table; a number with a `<key>_std` beside it shows as mean ± std."""
     def cell(r: dict, c: str) -> str:
@@ -282,14 +292,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.checkpoint and not args.npz:
         raise UserError("nothing to score: give --checkpoint and/or --npz files")
-    modes = args.aug_mode.split(",") if args.aug_mode else [None]
-    for mode in modes:
-        if mode is not None and mode not in AUG_MODES:
-            raise UserError(f"--aug-mode {mode!r}: expected {' or '.join(AUG_MODES)}")
-    spacings = args.spacing.split(",") if args.spacing else [None]
-    for spacing in spacings:
-        if spacing is not None and spacing not in SPACINGS:
-            raise UserError(f"--spacing {spacing!r}: expected {' or '.join(SPACINGS)}")
+    modes = choice_list("--aug-mode", args.aug_mode, AUG_MODES)
+    spacings = choice_list("--spacing", args.spacing, SPACINGS)
     for key in ("num_samples", "floor_draws"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a positive number")
@@ -348,8 +352,7 @@ def main() -> None:
                                "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
             guided = (f", cfg {cfg_scale:g}" * bool(chain[0].model.num_classes) + f", cg {scale:g}" * bool(scale)
                       + f", {guidance.redraw_text}" * bool(guidance.redraw))
-            samplers = "/".join(f"{s.cfg.sampler.name}-{s.cfg.sampler.steps}"
-                                + " quadratic" * (s.cfg.sampler.spacing == "quadratic") for s in chain)
+            samplers = "/".join(s.cfg.sampler.label for s in chain)
             rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, {samplers}{guided})",
                          "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,
                          "guidance_scale": scale, "spread": f"{len(args.seeds)} seeds", **mean_std(scored)})
