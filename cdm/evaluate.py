@@ -25,6 +25,12 @@ floor's mean.
 SR table (SR3 style): the SR stages (all of them, in turn) given the true base-size test digits,
 against bicubic upsampling: PSNR, SSIM, consistency, and how often each evaluation network still
 reads the true digit. --aug-level and --aug-mode set every SR stage.
+
+Stages apart (--split N): which stage limits the cascade, on N held-out training digits (the
+last N of the floor's order, which no floor set at N <= 10,000 uses): the base's N samples
+against the digits' true base-size versions, and the SR stages given those true versions against
+the test digits, each beside the same measure for real digits (stage_split; each stage samples
+with its stored sampler, not the sweeps' options).
 Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with
 --plot, fd_vs_aug_level.png to --out.
 """
@@ -146,11 +152,16 @@ def mean_std(rows: list[dict]) -> dict:
     return out
 
 
+def floor_order(count: int, seed: int = 0) -> torch.Tensor:
+    """The order in which the floor draws its disjoint sets of real training digits."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+
+
 def floor_rows(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.Tensor,
                sizes: list[int], draws: int, seed: int = 0) -> list[dict]:
     """The real-data floor at each N: `draws` disjoint sets of N training digits, each scored
     exactly like a set of samples, mean ± std over the sets."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    order = floor_order(len(images), seed)
     rows = []
     for n in sizes:
         if n * draws > len(images):
@@ -198,6 +209,39 @@ def sr_report(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, space
         grid = torch.stack([hr[:k], nearest_up(lr[:k], hr.shape[-1]), bicubic[:k], sr_out[:k]])  # (4, k, C, H, W)
         save_image(to_unit_range(grid.flatten(0, 1)), grid_path, nrow=k, padding=2, pad_value=0.5)
     return rows
+
+
+def stage_split(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, other: torch.Tensor,
+                spaces: list[FeatureSpace], generator: torch.Generator, bf16: bool,
+                batch_size: int) -> list[dict]:
+    """Which stage limits a cascade: each measured apart on held-out training digits hr (N, C,
+    32, 32) with their labels (docs/results.md 9.14).
+    base: the FD, in each network's features of bicubic-upsampled images, between N base samples
+    (asked for the same digits) and the digits' true base-size versions; its floor is the same FD
+    for `other`, N more real digits. SR: the SR stages given the true base-size digits, scored
+    against the test digits like samples, beside the N real digits themselves."""
+    device = next(stages[0].model.parameters()).device
+    size = stages[0].cfg.image_size
+
+    def features(low: torch.Tensor) -> dict[str, torch.Tensor]:  # low: (N, C, size, size)
+        up = upsample_low_res(low.cpu(), hr.shape[-1], "bicubic").clamp(-1, 1)
+        return {space.name: space.outputs(up)[0] for space in spaces}
+
+    low_res = downsample(hr.cpu(), size)  # (N, C, size, size)
+    target = features(low_res)
+
+    def base_fd(part: str, low: torch.Tensor) -> dict:
+        return {"part": part, "n": len(hr), **{f"fd_{name}": metrics.frechet_distance(f, target[name])
+                                                for name, f in features(low).items()}}
+
+    y = labels.to(device) if stages[0].model.num_classes else None
+    base = sample_cascade(stages[:1], len(hr), generator, batch_size, labels=y, bf16=bf16).images
+    sr = sample_cascade([with_augment(s, aug_level=0) for s in stages[1:]], len(hr), generator, batch_size,
+                        labels=labels.to(device), bf16=bf16, low_res=low_res.to(device)).images
+    return [base_fd(f"real {size}x{size} digits (another set)", downsample(other.cpu(), size)),
+            base_fd(f"base samples at {size}x{size}", base),
+            {"part": "real digits", **score(spaces, hr.cpu(), labels)},
+            {"part": f"SR stages on the true {size}x{size} digits", **score(spaces, sr.cpu(), labels)}]
 
 
 def choice_list(flag: str, text: str | None, choices: tuple[str, ...]) -> list[str | None]:
@@ -250,9 +294,12 @@ def plot_fd_vs_level(rows: list[dict], fd_key: str, path: Path) -> Path | None:
     return path
 
 
+def space_columns(spaces: list[FeatureSpace]) -> list[str]:
+    return [f"{m}_{s.name}" for s in spaces for m in ("fd", "precision", "recall")]
+
+
 def columns(spaces: list[FeatureSpace]) -> list[str]:
-    per_space = [f"{m}_{s.name}" for s in spaces for m in ("fd", "precision", "recall")]
-    return ["samples", "n", "spread", *per_space, f"class_kl_{spaces[0].name}",
+    return ["samples", "n", "spread", *space_columns(spaces), f"class_kl_{spaces[0].name}",
             f"max_class_{spaces[0].name}", *[f"label_acc_{s.name}" for s in spaces], "at_floor",
             "consistency", "sample_s"]
 
@@ -284,6 +331,8 @@ def main() -> None:
     parser.add_argument("--no-guidance", action="store_true",
                         help="sample without any guidance (overrides the defaults above)")
     parser.add_argument("--sr-digits", type=int, default=1000, help="test digits for the SR table (0: skip)")
+    parser.add_argument("--split", type=int, default=0, help="held-out training digits to measure "
+                        "each stage apart on, e.g. 10000 (0: skip; docs/results.md 9.14)")
     parser.add_argument("--classifier", nargs="+", default=[str(p) for p in DEFAULT_PATHS.values()],
                         help="evaluation networks, one feature space each; the first is primary")
     parser.add_argument("--device", default="auto")
@@ -297,6 +346,8 @@ def main() -> None:
     for key in ("num_samples", "floor_draws"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a positive number")
+    if args.split < 0:
+        raise UserError(f"--split {args.split}: expected a number of held-out digits, or 0 to skip")
     if args.no_guidance and (args.cfg_scale or args.guidance_scale or args.noisy_classifier):
         raise UserError("--no-guidance samples unguided: drop --cfg-scale, --guidance-scale and "
                         "--noisy-classifier, or drop --no-guidance")
@@ -313,7 +364,11 @@ def main() -> None:
     rows = [{"samples": Path(path).name, "spread": f"bootstrap {args.bootstrap}",
              **score(spaces, load_npz_images(path), load_npz_labels(path), args.bootstrap)}
             for path in tqdm(args.npz, desc="sample files", leave=False)]
-    sr_rows = []
+    sr_rows, split_rows = [], []
+    train_images, train_labels = load_mnist(root, True, 32, 1)
+    if 2 * args.split > len(train_images):
+        raise UserError(f"--split {args.split}: needs twice that many training digits, there are {len(train_images)}")
+    held_out = floor_order(len(train_images))[len(train_images) - 2 * args.split:]  # (2N,): other, then hr
     device = resolve_device(args.device) if args.checkpoint else None
     if args.guidance_scale and not args.noisy_classifier:
         raise UserError("--guidance-scale needs --noisy-classifier PATH")
@@ -365,8 +420,14 @@ def main() -> None:
                     for seed in args.seeds]
             for method_rows in zip(*runs):
                 sr_rows.append({"run": run, "method": method_rows[0]["method"], **mean_std(list(method_rows))})
-    floors = floor_rows(spaces, *load_mnist(root, True, 32, 1), sorted({r["n"] for r in rows}),
-                        args.floor_draws)
+        if args.split and len(stages) > 1:
+            other, hr = held_out[:args.split], held_out[args.split:]
+            runs = [stage_split(stages, train_images[hr], train_labels[hr], train_images[other], spaces,
+                                torch.Generator(device).manual_seed(seed), bf16, args.batch_size)
+                    for seed in tqdm(args.seeds, desc=f"{run} stages apart", leave=False)]
+            for part_rows in zip(*runs):
+                split_rows.append({"run": run, "part": part_rows[0]["part"], **mean_std(list(part_rows))})
+    floors = floor_rows(spaces, train_images, train_labels, sorted({r["n"] for r in rows}), args.floor_draws)
     by_n = {r["n"]: r for r in floors}
     for r in rows:
         r["at_floor"] = at_floor(r, by_n, spaces)
@@ -381,9 +442,14 @@ def main() -> None:
         text += "\n\nSuper-resolution on true 8x8 test digits (aug_level 0), mean ± std over seeds:\n\n" + \
             markdown_table(sr_rows, ["run", "method", "n", "psnr", "ssim", "consistency",
                                      *[f"digit_kept_{s.name}" for s in spaces]])
+    if split_rows:
+        text += ("\n\nEach stage apart on held-out training digits, mean ± std over seeds: the base's FD "
+                 "against the true base-size digits (both bicubic-upsampled), the SR stages' against "
+                 "the test digits:\n\n" + markdown_table(split_rows, ["run", "part", "n", *space_columns(spaces)]))
     print(text)
     (out_dir / "results.md").write_text(text + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"samples": rows, "super_resolution": sr_rows}, indent=1))
+    (out_dir / "results.json").write_text(json.dumps({"samples": rows, "super_resolution": sr_rows,
+                                                        "stages_apart": split_rows}, indent=1))
     written = [out_dir / "results.md", out_dir / "results.json"]
     if args.plot:
         written.append(plot_fd_vs_level(rows, f"fd_{names[0]}", out_dir / "fd_vs_aug_level.png"))

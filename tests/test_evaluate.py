@@ -6,7 +6,8 @@ import torch
 from cdm.checkpoint import CheckpointError, save_checkpoint
 from cdm.classifier import MnistClassifier, MnistResNet, load_classifier
 from cdm.datasets import load_mnist
-from cdm.evaluate import FeatureSpace, at_floor, floor_rows, markdown_table, mean_std, score
+from cdm.cascade import Stage, build_stage
+from cdm.evaluate import FeatureSpace, at_floor, floor_rows, markdown_table, mean_std, score, stage_split
 
 from conftest import assert_one_line_error, run_script
 
@@ -107,3 +108,23 @@ def test_spread_over_seeds_and_bootstrap(spaces, train_digits):
         for metric in ("fd", "precision", "recall"):
             assert 0 < large[f"{metric}_{space.name}_std"] < small[f"{metric}_{space.name}_std"]
     assert small["label_acc_cnn32_std"] >= 0
+
+
+def test_stages_apart_tell_an_untrained_stage_from_real_digits(spaces, train_digits, tiny_cfg):
+    """--split: an untrained base is far from the true 8x8 digits, the floor beside it (another
+    set of real 8x8 digits) is near them; the real-digit row is the digits scored like samples."""
+    stages = []
+    for index, stage_cfg in enumerate(tiny_cfg.stages):
+        torch.manual_seed(index)
+        model, diffusion, low_res = build_stage(tiny_cfg, index, "cpu")
+        stages.append(Stage(index, stage_cfg, model.eval(), diffusion, low_res))
+    images, labels = train_digits
+    rows = stage_split(stages, images[:200], labels[:200], images[200:400], spaces,
+                       torch.Generator().manual_seed(0), bf16=False, batch_size=100)
+    other, base, real, sr = rows
+    assert [r["n"] for r in rows] == [200] * 4 and "8x8" in base["part"]
+    assert real["fd_cnn32"] == score(spaces, images[:200], labels[:200])["fd_cnn32"]
+    for space in spaces:
+        fd = f"fd_{space.name}"
+        assert base[fd] > 5 * other[fd]
+        assert sr[fd] > real[fd]

@@ -55,6 +55,8 @@ def test_sampling_is_deterministic_for_a_seed(trained, tmp_path):
     (["sample.py", "--checkpoint", "configs/tiny.yaml"], "not a torch checkpoint file"),
     (["-m", "cdm.evaluate", "--npz", "s.npz", "--spacing", "karras"],
      "--spacing 'karras': expected uniform or quadratic"),
+    (["-m", "cdm.evaluate", "--npz", "s.npz", "--split", "-5"],
+     "--split -5: expected a number of held-out digits, or 0 to skip"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message):
     assert_one_line_error(run(*args, expect=2), message)
