@@ -26,11 +26,11 @@ SR table (SR3 style): the SR stages (all of them, in turn) given the true base-s
 against bicubic upsampling: PSNR, SSIM, consistency, and how often each evaluation network still
 reads the true digit. --aug-level and --aug-mode set every SR stage.
 
-Stages apart (--split N): which stage limits the cascade, on N held-out training digits (the
-last N of the floor's order, which no floor set at N <= 10,000 uses): the base's N samples
-against the digits' true base-size versions, and the SR stages given those true versions against
-the test digits, each beside the same measure for real digits (stage_split; each stage samples
-with its stored sampler, not the sweeps' options).
+Stages apart (--split N): which stage limits the cascade, on N held-out training digits, the
+last N of the floor's order (for N <= 10,000 no floor set of the default 5 draws uses them): the
+base's N samples against the digits' true base-size versions, and the SR stages given those true
+versions against the test digits, each beside the same measure for real digits (stage_split;
+each stage samples with its stored sampler, not the sweeps' options).
 Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with
 --plot, fd_vs_aug_level.png to --out.
 """
