@@ -212,10 +212,9 @@ def sr_report(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, space
 
 
 def stage_split(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, other: torch.Tensor,
-                spaces: list[FeatureSpace], generator: torch.Generator, bf16: bool,
-                batch_size: int) -> list[dict]:
+                spaces: list[FeatureSpace], seeds: list[int], bf16: bool, batch_size: int) -> list[dict]:
     """Which stage limits a cascade: each measured apart on held-out training digits hr (N, C,
-    32, 32) with their labels (docs/results.md 9.14).
+    32, 32) with their labels (docs/results.md 9.14), the sampled rows mean ± std over `seeds`.
     base: the FD, in each network's features of bicubic-upsampled images, between N base samples
     (asked for the same digits) and the digits' true base-size versions; its floor is the same FD
     for `other`, N more real digits. SR: the SR stages given the true base-size digits, scored
@@ -230,18 +229,24 @@ def stage_split(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, oth
     low_res = downsample(hr.cpu(), size)  # (N, C, size, size)
     target = features(low_res)
 
-    def base_fd(part: str, low: torch.Tensor) -> dict:
-        return {"part": part, "n": len(hr), **{f"fd_{name}": metrics.frechet_distance(f, target[name])
-                                                for name, f in features(low).items()}}
+    def base_fd(low: torch.Tensor) -> dict:
+        return {"n": len(hr), **{f"fd_{name}": metrics.frechet_distance(f, target[name])
+                                 for name, f in features(low).items()}}
 
     y = labels.to(device) if stages[0].model.num_classes else None
-    base = sample_cascade(stages[:1], len(hr), generator, batch_size, labels=y, bf16=bf16).images
-    sr = sample_cascade([with_augment(s, aug_level=0) for s in stages[1:]], len(hr), generator, batch_size,
-                        labels=labels.to(device), bf16=bf16, low_res=low_res.to(device)).images
-    return [base_fd(f"real {size}x{size} digits (another set)", downsample(other.cpu(), size)),
-            base_fd(f"base samples at {size}x{size}", base),
+    sr_stages = [with_augment(s, aug_level=0) for s in stages[1:]]
+    base_rows, sr_rows = [], []
+    for seed in tqdm(seeds, desc="stages apart", leave=False):
+        generator = torch.Generator(device).manual_seed(seed)
+        base = sample_cascade(stages[:1], len(hr), generator, batch_size, labels=y, bf16=bf16).images
+        sr = sample_cascade(sr_stages, len(hr), generator, batch_size, labels=labels.to(device), bf16=bf16,
+                            low_res=low_res.to(device)).images
+        base_rows.append(base_fd(base))
+        sr_rows.append(score(spaces, sr.cpu(), labels))
+    return [{"part": f"real {size}x{size} digits (another set)", **base_fd(downsample(other.cpu(), size))},
+            {"part": f"base samples at {size}x{size}", **mean_std(base_rows)},
             {"part": "real digits", **score(spaces, hr.cpu(), labels)},
-            {"part": f"SR stages on the true {size}x{size} digits", **score(spaces, sr.cpu(), labels)}]
+            {"part": f"SR stages on the true {size}x{size} digits", **mean_std(sr_rows)}]
 
 
 def choice_list(flag: str, text: str | None, choices: tuple[str, ...]) -> list[str | None]:
@@ -422,11 +427,9 @@ def main() -> None:
                 sr_rows.append({"run": run, "method": method_rows[0]["method"], **mean_std(list(method_rows))})
         if args.split and len(stages) > 1:
             other, hr = held_out[:args.split], held_out[args.split:]
-            runs = [stage_split(stages, train_images[hr], train_labels[hr], train_images[other], spaces,
-                                torch.Generator(device).manual_seed(seed), bf16, args.batch_size)
-                    for seed in tqdm(args.seeds, desc=f"{run} stages apart", leave=False)]
-            for part_rows in zip(*runs):
-                split_rows.append({"run": run, "part": part_rows[0]["part"], **mean_std(list(part_rows))})
+            split_rows += [{"run": run, **row} for row in stage_split(
+                stages, train_images[hr], train_labels[hr], train_images[other], spaces, args.seeds, bf16,
+                args.batch_size)]
     floors = floor_rows(spaces, train_images, train_labels, sorted({r["n"] for r in rows}), args.floor_draws)
     by_n = {r["n"]: r for r in floors}
     for r in rows:

@@ -119,8 +119,8 @@ def test_stages_apart_tell_an_untrained_stage_from_real_digits(spaces, train_dig
         model, diffusion, low_res = build_stage(tiny_cfg, index, "cpu")
         stages.append(Stage(index, stage_cfg, model.eval(), diffusion, low_res))
     images, labels = train_digits
-    rows = stage_split(stages, images[:200], labels[:200], images[200:400], spaces,
-                       torch.Generator().manual_seed(0), bf16=False, batch_size=100)
+    rows = stage_split(stages, images[:200], labels[:200], images[200:400], spaces, seeds=[0],
+                       bf16=False, batch_size=100)
     other, base, real, sr = rows
     assert [r["n"] for r in rows] == [200] * 4 and "8x8" in base["part"]
     assert real["fd_cnn32"] == score(spaces, images[:200], labels[:200])["fd_cnn32"]
