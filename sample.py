@@ -215,7 +215,7 @@ def main() -> None:
     start = time.perf_counter()
     samples = sample_cascade(stages, num_samples, generator=generator, batch_size=args.batch_size,
                              labels=labels, bf16=use_bf16(cfg.train.precision, device), progress=True,
-                             guidance=guidance, low_res=given)
+                             guidance=guidance, low_res=given, class_prior=cfg.data.class_prior)
     seconds = time.perf_counter() - start
     paths = save_cascade_grids(samples, out, given=given, reference=reference)
     arrays = {"images": to_uint8_nhwc(samples.images).numpy(),

@@ -24,6 +24,7 @@ from cdm.augment import noise_low_res, sr_cond
 from cdm.checkpoint import checkpoint_config, load_checkpoint, load_state, stage_weights
 from cdm.config import Config, StageConfig
 from cdm.diffusion import GaussianDiffusion
+from cdm.errors import UserError
 from cdm.guidance import Guidance, classifier_free, classifier_score, misread
 from cdm.runtime import autocast
 from cdm.unet import UNet, build_unet
@@ -85,22 +86,32 @@ class CascadeSamples(NamedTuple):
         return list(self.outputs.values())[-1]
 
 
-def default_labels(num: int, num_classes: int, device) -> torch.Tensor | None:
-    """Class-balanced labels 0, 1, ..., 9, 0, 1, ... for a conditional model, else None."""
-    return torch.arange(num, device=device) % num_classes if num_classes else None
+def default_labels(num: int, num_classes: int, device, generator: torch.Generator | None = None,
+                   prior: list[float] | None = None) -> torch.Tensor | None:
+    """`num` labels drawn at random from `prior` (one share per class; None: every class alike)
+    for a conditional model, else None. A class-conditional cascade models
+    p(x) = sum_y p(y) p(x | y): drawn from the training labels' shares (data.class_prior), the
+    classes come in the data's mix, which a set of class-balanced real digits is not (docs/results.md 9.15)."""
+    if not num_classes:
+        return None
+    if prior is not None and len(prior) != num_classes:
+        raise UserError(f"data.class_prior has {len(prior)} shares, the model asks for {num_classes} classes")
+    weights = torch.ones(num_classes) if prior is None else torch.tensor(prior, dtype=torch.float64)
+    return torch.multinomial(weights.to(device), num, replacement=True, generator=generator)
 
 
 @torch.no_grad()  # not inference_mode: classifier guidance differentiates through x_t
 def sample_cascade(stages: list[Stage], num: int, generator: torch.Generator | None = None,
                    batch_size: int = 256, labels: torch.Tensor | None = None, bf16: bool = False,
                    progress: bool = False, guidance: Guidance | None = None,
-                   low_res: torch.Tensor | None = None) -> CascadeSamples:
+                   low_res: torch.Tensor | None = None, class_prior: list[float] | None = None) -> CascadeSamples:
     """Draw `num` samples through `stages` (consecutive, e.g. all, or 0..N for --until N),
     `batch_size` at a time. Each SR stage's augment section sets its aug_level s and mode
     (CDM section 4): non_truncated runs the stage before to its clean x_0 and forward-noises it
     to z_s; truncated stops that chain at state s - 1 and hands its z_s over (the clean output
     kept for grids is the guided model's x0 prediction there).
-    labels (num,): the classes asked for (default: balanced, when anything is conditional);
+    labels (num,): the classes asked for (default, when anything is conditional: drawn from
+    class_prior, the config's data.class_prior, by the generator before any noise);
     guidance steers the stages toward them (guidance.py). low_res (num, C, h, w): start from
     these images as the input of stages[0], an SR stage (super-resolve your own images).
     An out-of-memory batch is retried at half the size from the same generator state."""
@@ -109,7 +120,7 @@ def sample_cascade(stages: list[Stage], num: int, generator: torch.Generator | N
     if labels is None:
         classifier_classes = guidance.classifier.num_classes if guidance.classifier else 0
         labels = default_labels(num, next((s.model.num_classes for s in stages if s.model.num_classes),
-                                          classifier_classes), device)
+                                          classifier_classes), device, generator, class_prior)
     outputs, start = [], 0
     bar = tqdm(total=num, desc="sampling", disable=not progress, leave=False)
     while start < num:

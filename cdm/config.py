@@ -37,6 +37,8 @@ class DataConfig:
     channels: int = 1  # 1 grey, 3 RGB (grey data is repeated, RGB data turned to luminance for 1)
     max_resident_mb: float = 2048  # image_folder: larger sets stream from disk through workers
     workers: int = 2  # DataLoader worker processes for a streamed image_folder
+    class_prior: list[float] | None = None  # each class's share when sampling asks for no class
+    # (p(y) of p(x) = sum_y p(y) p(x | y)); null: training counts the training labels' shares
 
 
 @dataclass
@@ -195,6 +197,10 @@ class Config:
         _check(self.data.max_resident_mb >= 0, "data.max_resident_mb", ">= 0", self.data.max_resident_mb)
         _check(self.data.workers >= 0, "data.workers", ">= 0", self.data.workers)
         _check(len(self.stages) >= 1, "stages", "a list of at least one stage (the base)", self.stages)
+        prior, classes = self.data.class_prior, self.num_labels
+        _check(prior is None or (len(prior) == classes > 0 and min(prior) >= 0 and sum(prior) > 0),
+               "data.class_prior", f"null or {classes} shares >= 0, one per class, not all 0" if classes
+               else "null (nothing in this cascade is class-conditional)", prior)
         for i, stage in enumerate(self.stages):
             _validate_stage(stage, i, self.stages[i - 1] if i else None)
         if self.classifier is not None:
@@ -238,6 +244,13 @@ class Config:
     def base(self) -> StageConfig:
         """stages[0], the stage that generates from noise (guidance and the classifier use it)."""
         return self.stages[0]
+
+    @property
+    def num_labels(self) -> int:
+        """How many classes sampling can ask for: the first class-conditional stage's, else the
+        noisy classifier's, else 0."""
+        return next((s.model.num_classes for s in self.stages if s.model.num_classes),
+                    self.classifier.num_classes if self.classifier else 0)
 
     @property
     def without_null_label(self) -> list[int]:
@@ -422,6 +435,9 @@ def _optional_section(hint):
 
 def _coerce(hint, value, path: str):
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(inner, value, path)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

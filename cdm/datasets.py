@@ -87,6 +87,11 @@ class StreamingData:
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every file's label (N,), in file order (as ResidentData.labels)."""
+        return torch.tensor([label for _, label in self.files.samples])
+
     def shard(self, rank: int, world_size: int) -> "StreamingData":
         """This rank's share (every world_size-th file) for data-parallel training."""
         files = self.files

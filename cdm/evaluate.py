@@ -405,7 +405,8 @@ def main() -> None:
                 samples = sample_cascade(chain, args.num_samples,
                                          generator=torch.Generator(device).manual_seed(seed),
                                          batch_size=args.batch_size, bf16=bf16, progress=True,
-                                         guidance=replace(guidance, cfg_scale=cfg_scale, classifier_scale=scale))
+                                         guidance=replace(guidance, cfg_scale=cfg_scale, classifier_scale=scale),
+                                         class_prior=cfg.data.class_prior)
                 seconds = time.perf_counter() - start
                 images = samples.images.cpu()
                 scored.append({**score(spaces, images, samples.labels), "sample_s": seconds,

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -222,21 +222,24 @@ def check_finite(row: dict, names, window_steps: int, step: int, metrics: dict,
 
 
 def preview(stages: dict[str, TrainStage], cfg: Config, step: int, bf16: bool,
-            real: torch.Tensor) -> float:
+            real: tuple[torch.Tensor, torch.Tensor] | None) -> float:
     """Draw num_preview samples through the trained stages from their EMA weights with a fixed
     seed (so grids can be compared across steps) and write a grid per stage; returns the seconds
     it took. When the base is trained elsewhere (--stages 1,2), the first trained stage starts
-    from `real` images (num_preview, C, H, W) downsampled to its input size."""
+    from `real` images (num_preview, C, H, W) downsampled to its input size, with their labels."""
     start = time.perf_counter()
     cascade = [s.for_sampling() for s in stages.values() if s.index is not None]
     device = next(cascade[0].model.parameters()).device
     generator = torch.Generator(device).manual_seed(cfg.seed + 1)
-    low_res = reference = None
+    low_res = reference = labels = None
     if cascade[0].index > 0:
-        low_res = downsample(real, cfg.stages[cascade[0].index - 1].image_size)
-        reference = downsample(real, cascade[-1].cfg.image_size)
+        images, labels = real
+        low_res = downsample(images, cfg.stages[cascade[0].index - 1].image_size)
+        reference = downsample(images, cascade[-1].cfg.image_size)
     samples = sample_cascade(cascade, num=cfg.train.num_preview, generator=generator,
-                             batch_size=cfg.train.num_preview, bf16=bf16, low_res=low_res)
+                             batch_size=cfg.train.num_preview, bf16=bf16, low_res=low_res,
+                             labels=labels if any(s.model.num_classes for s in cascade) else None,
+                             class_prior=cfg.data.class_prior)
     save_cascade_grids(samples, cfg.run_dir / "samples", suffix=f"_step{step:06d}", given=low_res,
                        reference=reference)
     return time.perf_counter() - start
@@ -316,6 +319,22 @@ def restore(path: str | Path, cfg: Config, stages: dict[str, TrainStage],
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(ckpt["step"]), dict(ckpt.get("metrics", {}))
+
+
+def with_class_prior(cfg: Config, labels: torch.Tensor) -> Config:
+    """cfg with data.class_prior, when null and the cascade has classes, set to each class's share
+    of the training labels (N,): the mix sampling draws when no class is asked for."""
+    classes = cfg.num_labels
+    if cfg.data.class_prior is not None or not classes:
+        return cfg
+    counts = torch.bincount(labels.cpu(), minlength=classes)  # (classes,)
+    if len(counts) > classes:
+        key = next((f"stages.{i}.model.num_classes" for i, s in enumerate(cfg.stages) if s.model.num_classes),
+                   "classifier.num_classes")
+        raise UserError(f"config key '{key}': expected at least {len(counts)} (the training data's "
+                        f"classes), got {classes}")
+    shares = [round(count / len(labels), 6) for count in counts.tolist()]
+    return replace(cfg, data=replace(cfg.data, class_prior=shares))
 
 
 def write_run_info(cfg: Config, device: torch.device) -> None:
@@ -444,6 +463,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     data = load_data(cfg.data.dataset, cfg.data_root, cfg.data.download, cfg.stages[-1].image_size,
                      cfg.data.channels, device=device, max_resident_mb=cfg.data.max_resident_mb,
                      workers=cfg.data.workers)
+    cfg = with_class_prior(cfg, data.labels)
     if info.enabled:
         data = data.shard(info.rank, info.world_size)
     devices = split_devices(device, info, len(cfg.stages)) if cfg.train.split_stages else [device] * len(cfg.stages)
@@ -452,7 +472,9 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
         stage = make_stage(cfg, index, devices[index or 0], compile_model, cfg.train.channels_last, info.enabled)
         stages[stage.name] = stage
     previewed = [s for s in stages.values() if s.index is not None]
-    real = data.head(cfg.train.num_preview) if previewed and previewed[0].index > 0 else None
+    real = None  # an SR stage trained apart previews on real inputs: (images, labels)
+    if previewed and previewed[0].index > 0:
+        real = data.head(cfg.train.num_preview), data.labels[:cfg.train.num_preview].to(device)
     step, metrics = 0, {"skipped_steps": 0, "train_seconds": 0.0, "preview_seconds": 0.0}
     if resume is not None:
         step, metrics = restore(resume, cfg, stages, generator, info)

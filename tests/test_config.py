@@ -47,6 +47,8 @@ def test_old_two_stage_keys_are_refused_with_the_new_layout():
     (["train.stepz=5"], "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
     (["data.dataset=svhn"], "config key 'data.dataset': expected mnist, fashion_mnist, cifar10, image_folder"),
     (["data.workers=-1"], "config key 'data.workers': expected >= 0"),
+    (["data.class_prior=[1, 1]"], "'data.class_prior': expected null (nothing in this cascade is class-conditional)"),
+    (["data.class_prior=half"], "'data.class_prior': expected a list of float"),
     (["trian.steps=5"], "unknown config key 'trian' (did you mean 'train'?)"),
     (["train.steps=ten"], "config key 'train.steps': expected int, got 'ten'"),
     (["train.steps=1.5"], "config key 'train.steps': expected int"),

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdm.cascade import load_cascade, sample_cascade
+from cdm.cascade import default_labels, load_cascade, sample_cascade
 from cdm.checkpoint import CLASSIFIER, CheckpointError, checkpoint_config, export_ema, load_checkpoint
 from cdm.config import ConfigError, load_config
 from cdm.errors import UserError
 from cdm.diffusion import GaussianDiffusion
 from cdm.guidance import Guidance, classifier_free, classifier_score, drop_labels, misread
 from cdm.noisy_classifier import NoisyClassifier, accuracy_by_t, check_fits, load_noisy_classifier
-from cdm.train import make_stage, run_step, train
+from cdm.train import make_stage, run_step, train, with_class_prior
 from cdm.unet import build_unet
 
 from conftest import ROOT, assert_one_line_error, run_in_process
@@ -77,10 +77,31 @@ def test_null_label_is_its_own_embedding_and_label_dropout_rates():
     ("classifier.modle={}", "unknown config key 'classifier.modle' (did you mean 'classifier.model'?)"),
     ("stages.1.model.label_dropout=0.1", "config key 'stages.1.model.label_dropout': expected 0 unless"),
     ("guidance.cfg_scale=-1", "config key 'guidance.cfg_scale'"),
+    ("data.class_prior=[0.5, 0.5]", "config key 'data.class_prior': expected null or 10 shares >= 0"),
+    ("data.class_prior=[-1, 1, 1, 1, 1, 1, 1, 1, 1, 1]", "config key 'data.class_prior': expected null or 10"),
 ])
 def test_bad_guidance_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         guided_cfg("unused", override)
+
+
+def test_training_stores_the_labels_shares_and_sampling_draws_from_them(guided_run):
+    """p(x) = sum_y p(y) p(x | y): the run keeps MNIST's class shares (data.class_prior) and
+    sampling without labels draws classes in those shares, from its generator."""
+    cfg, stages, _ = load_cascade(guided_run, "cpu")
+    counts = torch.tensor([5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])  # MNIST train
+    assert cfg.data.class_prior == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
+    draw = [default_labels(20_000, 3, "cpu", torch.Generator().manual_seed(1), [0.0, 1.0, 3.0]) for _ in range(2)]
+    assert torch.equal(draw[0], draw[1]) and (draw[0] != 0).all()
+    assert (draw[0] == 2).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    only_nines = sample_cascade(stages, 4, torch.Generator().manual_seed(0), class_prior=[0.0] * 9 + [1.0])
+    assert only_nines.labels.tolist() == [9] * 4
+
+
+def test_data_with_more_classes_than_the_model_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(UserError, match=re.escape("config key 'stages.0.model.num_classes': expected at "
+                                                  "least 12 (the training data's classes), got 10")):
+        with_class_prior(guided_cfg(tmp_path), torch.tensor([0, 11, 3]))
 
 
 # --------------------------------------------------------------------- the noisy classifier
