@@ -65,6 +65,9 @@ class DiffusionConfig:
     prediction: str = "v"  # what the UNet predicts: eps | v (Salimans & Ho 2022)
     loss_weight: str = "uniform"  # uniform (the plain MSE of eps or v) | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # min_snr: the x0-error weight min(SNR, gamma)
+    noise_distribution: str = "uniform"  # training timesteps: uniform in [0, T-1] | lognormal (EDM)
+    p_mean: float = -1.2  # lognormal: ln(sigma) ~ N(p_mean, p_std^2), sigma = sqrt((1 - abar) / abar)
+    p_std: float = 1.2  # (Karras et al. 2022, Table 1: P_mean, P_std), mapped to the nearest state t
 
     @property
     def forward_process(self) -> tuple[int, str]:
@@ -288,6 +291,7 @@ class Config:
 AUG_MODES = ("truncated", "non_truncated")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
+NOISE_DISTRIBUTIONS = ("uniform", "lognormal")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 SPACINGS = ("uniform", "quadratic")
 
@@ -311,6 +315,9 @@ def _validate_stage(stage: StageConfig, i: int, prev: StageConfig | None) -> Non
     _check(d.loss_weight in ("uniform", "min_snr"), f"{name}.diffusion.loss_weight", "uniform or min_snr",
            d.loss_weight)
     _check(d.min_snr_gamma > 0, f"{name}.diffusion.min_snr_gamma", "> 0", d.min_snr_gamma)
+    _check(d.noise_distribution in NOISE_DISTRIBUTIONS, f"{name}.diffusion.noise_distribution",
+           " or ".join(NOISE_DISTRIBUTIONS), d.noise_distribution)
+    _check(d.p_std > 0, f"{name}.diffusion.p_std", "> 0", d.p_std)
     _validate_optim(o, name)
     _check(s.name in SAMPLERS, f"{name}.sampler.name", " or ".join(SAMPLERS), s.name)
     _check(1 <= s.steps <= d.timesteps, f"{name}.sampler.steps",

@@ -60,6 +60,7 @@ class GaussianDiffusion:
         self.num_timesteps = cfg.timesteps
         self.prediction = cfg.prediction
         self.loss_weight, self.min_snr_gamma = cfg.loss_weight, cfg.min_snr_gamma
+        self.noise_distribution, self.p_mean, self.p_std = cfg.noise_distribution, cfg.p_mean, cfg.p_std
         betas = beta_schedule(cfg.schedule, cfg.timesteps)  # beta_t, float64
         alpha_bar = torch.cumprod(1 - betas, dim=0)  # \bar\alpha_t
 
@@ -75,6 +76,9 @@ class GaussianDiffusion:
         self.sqrt_alpha_bar = table(alpha_bar.sqrt())  # \sqrt{\bar\alpha_t}
         self.sqrt_one_minus_alpha_bar = table((1 - alpha_bar).sqrt())  # \sqrt{1-\bar\alpha_t}
         self.snr = table(alpha_bar / (1 - alpha_bar))  # SNR(t) = abar_t / (1 - abar_t)
+        # EDM's noise level of state t (Karras et al. 2022, Table 1, VP: x_t / sqrt(abar_t) = x_0 +
+        # sigma_t n), rising with t; its log, to map a drawn ln(sigma) to a state
+        self.log_sigma = table(0.5 * torch.log((1 - alpha_bar) / alpha_bar))
 
     # ------------------------------------------------------------------ forward process
 
@@ -151,6 +155,18 @@ class GaussianDiffusion:
         return Prediction(eps, x0)
 
     # ------------------------------------------------------------------ training
+
+    def training_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch,) states t to train on, drawn with `generator` on its device. uniform: t in
+        [0, T-1] (DDPM Alg. 1). lognormal: EDM's noise distribution (Karras et al. 2022, Sec. 5,
+        Table 1), ln(sigma) ~ N(P_mean, P_std^2), each draw taken to the first state whose sigma_t
+        reaches it (the last state past sigma_{T-1}): with P_mean = -1.2 the training centres on
+        sigma = 0.3 (t near 180 of the cosine schedule's 1000) instead of spreading evenly over t."""
+        if self.noise_distribution == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=generator.device)
+        log_sigma = self.p_mean + self.p_std * torch.randn(batch, generator=generator, device=generator.device)
+        t = torch.searchsorted(self.log_sigma.to(log_sigma.device), log_sigma)
+        return t.clamp(max=self.num_timesteps - 1)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) weight of each example's eps or v loss. Min-SNR-gamma (Hang et al. 2023, Eq. 3-4)

@@ -116,9 +116,8 @@ class StepStats(NamedTuple):
 
 def draw_t_and_noise(stage: TrainStage, x0: torch.Tensor, generator: torch.Generator
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform timesteps t (B,) in [0, T-1] and standard normal noise shaped like x0."""
-    t = torch.randint(0, stage.diffusion.num_timesteps, (x0.shape[0],), generator=generator,
-                      device=generator.device).to(x0.device)
+    """Timesteps t (B,) from the stage's noise distribution and standard normal noise shaped like x0."""
+    t = stage.diffusion.training_timesteps(x0.shape[0], generator).to(x0.device)
     return t, gaussian_noise(x0, generator)
 
 

@@ -57,6 +57,32 @@ def test_parametrisations_round_trip(prediction):
     torch.testing.assert_close(pred.eps, eps, atol=1e-3, rtol=0)
 
 
+def test_uniform_training_timesteps_draw_what_randint_draws():
+    """The default keeps every earlier run's draws (and so resumed runs) unchanged."""
+    d = GaussianDiffusion(DiffusionConfig())
+    t = d.training_timesteps(64, torch.Generator().manual_seed(3))
+    assert torch.equal(t, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lognormal_training_timesteps_follow_edm_noise_distribution(schedule):
+    """Karras et al. 2022: ln(sigma_t) of the drawn states is N(P_mean, P_std^2), up to the
+    rounding to the next state; each draw lands on the first state whose sigma reaches it."""
+    d = GaussianDiffusion(DiffusionConfig(schedule=schedule, noise_distribution="lognormal", p_mean=-1.2, p_std=1.2))
+    t = d.training_timesteps(200_000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    log_sigma = d.log_sigma[t]  # (N,)
+    inside = (t > 0) & (t < 999)  # the two ends also take the draws beyond them
+    assert abs(log_sigma.median().item() + 1.2) < 0.05
+    assert abs((log_sigma[inside] <= 0.0).float().mean().item() - 0.841) < 0.02  # P(z <= 1)
+    # first state at or above the draw: sigma_{t-1} is below what the draw needed
+    draws = -1.2 + 1.2 * torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    assert ((d.log_sigma[t] >= draws) | (t == 999)).all()
+    assert ((d.log_sigma[(t - 1).clamp(min=0)] < draws) | (t == 0)).all()
+    wider = GaussianDiffusion(DiffusionConfig(schedule=schedule, noise_distribution="lognormal", p_std=2.0))
+    assert (wider.training_timesteps(200_000, torch.Generator().manual_seed(0)) > 900).float().mean() > 2 * (t > 900).float().mean()
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(prediction):
     """Hang et al. 2023: whatever the model predicts, the min_snr loss of an output equals
