@@ -67,7 +67,7 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # min_snr: the x0-error weight min(SNR, gamma)
     noise_distribution: str = "uniform"  # training timesteps: uniform in [0, T-1] | lognormal (EDM)
     p_mean: float = -1.2  # lognormal: ln(sigma) ~ N(p_mean, p_std^2), sigma = sqrt((1 - abar) / abar)
-    p_std: float = 1.2  # (Karras et al. 2022, Table 1: P_mean, P_std), mapped to the nearest state t
+    p_std: float = 1.2  # (Karras et al. 2022, Table 1: P_mean, P_std), taken to the first state at or above
 
     @property
     def forward_process(self) -> tuple[int, str]:

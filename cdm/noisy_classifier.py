@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -48,12 +49,14 @@ class NoisyClassifier(Encoder):
 
 def classifier_stage_config(cfg: Config) -> StageConfig:
     """The classifier as a training stage: its own model and optimizer settings, the base
-    stage's size and forward process."""
+    stage's size and forward process, trained on every state alike (guidance reads each one the
+    base's sampler visits), whatever states the base itself trains on."""
     if cfg.classifier is None:
         raise UserError("the config has no classifier: section (add `classifier: {}` to train "
                         "a noisy classifier with the defaults)")
     return StageConfig(image_size=cfg.base.image_size, model=cfg.classifier.model,
-                       diffusion=cfg.base.diffusion, optim=cfg.classifier.optim)
+                       diffusion=replace(cfg.base.diffusion, noise_distribution="uniform"),
+                       optim=cfg.classifier.optim)
 
 
 def classifier_losses(classifier, diffusion: GaussianDiffusion, x0: torch.Tensor, y: torch.Tensor,

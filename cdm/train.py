@@ -87,7 +87,7 @@ def make_stage(cfg: Config, index: int | None, device: torch.device, compile_mod
     if index is None:
         name, stage_cfg = CLASSIFIER, classifier_stage_config(cfg)
         model = NoisyClassifier(cfg).to(device)
-        diffusion = GaussianDiffusion(cfg.base.diffusion, device)
+        diffusion = GaussianDiffusion(stage_cfg.diffusion, device)
     else:
         name, stage_cfg = stage_name(index), cfg.stages[index]
         model, diffusion, low_res = build_stage(cfg, index, device)
