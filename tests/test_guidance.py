@@ -127,7 +127,7 @@ def test_classifier_trains_on_the_base_forward_process_in_model_range(tmp_path):
 def test_classifier_trains_on_every_state_alike_when_the_base_draws_edm_noise(tmp_path):
     """Guidance reads the classifier at each state the sampler visits, so it keeps uniform t
     even when the base trains on EDM's lognormal noise levels (mostly t < 400)."""
-    cfg = guided_cfg(tmp_path, "classifier.optim.batch_size=256", "stages.0.diffusion.noise_distribution=lognormal")
+    cfg = guided_cfg(tmp_path, "stages.0.diffusion.noise_distribution=lognormal")
     stage = make_stage(cfg, None, torch.device("cpu"), False, False)
     t = stage.diffusion.training_timesteps(4096, torch.Generator().manual_seed(0))
     base_t = make_stage(cfg, 0, torch.device("cpu"), False, False).diffusion.training_timesteps(
