@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,19 +39,30 @@ def run_script(*args, expect=0):
 
 
 def run_in_process(script, *args, expect=0, capsys):
-    """Run a top-level script's __main__ in this process (no interpreter start-up: seconds
-    faster than run_script) with these arguments; assert its exit status, return its output."""
+    """Run a top-level script's __main__ (or, given "-m", a module's) in this process (no
+    interpreter start-up: seconds faster than run_script) with these arguments; assert its exit
+    status, return its output."""
     import runpy
     from types import SimpleNamespace
-    old_argv = sys.argv
-    sys.argv = [script, *args]
+    module = args[0] if script == "-m" else None
+    if module:
+        args = args[1:]
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [module or script, *args]
+    os.chdir(ROOT)  # relative paths in args read as a user in the repository root gives them
     code = 0
     try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
+        if module:
+            with warnings.catch_warnings():  # the module is imported already: rerun it as __main__
+                warnings.simplefilter("ignore", RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code
     finally:
         sys.argv = old_argv
+        os.chdir(old_cwd)
     out, err = capsys.readouterr()
     assert code == expect, out + err
     return SimpleNamespace(stdout=out, stderr=err, returncode=code)

@@ -231,9 +231,9 @@ def test_missing_torchvision_dataset(tmp_path, dataset, name):
                     "$CDM_DATA_ROOT", "data.download")
 
 
-def test_an_rgb_image_folder_trains_and_samples_in_three_channels(tmp_path):
+def test_an_rgb_image_folder_trains_and_samples_in_three_channels(tmp_path, capsys):
     """3 channels end to end: training on coloured PNGs, previews, sample.py's npz and grids."""
-    from conftest import run_script
+    from conftest import run_in_process
 
     rng = np.random.default_rng(0)
     for label in ("cats", "dogs"):
@@ -241,13 +241,13 @@ def test_an_rgb_image_folder_trains_and_samples_in_three_channels(tmp_path):
             pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)  # colour, not square
             (tmp_path / "images" / label).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
-    run_script("train_mnist.py", "--config", "configs/tiny.yaml", "--no-progress", "--set", f"out_dir={tmp_path}",
-               "--set", "data.dataset=image_folder", "--set", f"data.root={tmp_path / 'images'}",
-               "--set", "data.channels=3", "--set", "data.workers=0", "--set", "train.steps=2",
-               "--set", "train.sample_every=2")
+    run_in_process("train_mnist.py", "--config", "configs/tiny.yaml", "--no-progress", "--set", f"out_dir={tmp_path}",
+                   "--set", "data.dataset=image_folder", "--set", f"data.root={tmp_path / 'images'}",
+                   "--set", "data.channels=3", "--set", "data.workers=0", "--set", "train.steps=2",
+                   "--set", "train.sample_every=2", capsys=capsys)
     run_dir = tmp_path / "tiny"
     assert Image.open(run_dir / "samples" / "cascade_step000002.png").mode == "RGB"
-    run_script("sample.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--num-samples", "3",
-               "--out", str(tmp_path / "s"), "--device", "cpu")
+    run_in_process("sample.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--num-samples", "3",
+                   "--out", str(tmp_path / "s"), "--device", "cpu", capsys=capsys)
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["images"].shape == (3, 32, 32, 3) and data["base"].shape == (3, 8, 8, 3)

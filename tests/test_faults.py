@@ -15,7 +15,7 @@ from cdm.datasets import load_mnist
 from cdm.errors import UserError
 from cdm.train import train
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 
 
 def tiny(tmp_path, run="tiny", *overrides):
@@ -144,12 +144,11 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum
     assert ckpt["step"] >= 1 and f"interrupted at step {ckpt['step']} " in out
 
 
-def test_cli_argument_errors_are_one_line(tmp_path):
+def test_cli_argument_errors_are_one_line(tmp_path, capsys):
     for args in (["sample.py", "--checkpoint", "x.pt", "--num-samples", "0"],
                  ["sample.py", "--checkpoint", "x.pt", "--num-samples", "-3"],
                  ["train_mnist.py", "--bogus"]):
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 2
+        proc = run_in_process(*args, expect=2, capsys=capsys)
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:"), proc.stderr
 
 

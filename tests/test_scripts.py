@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, run_in_process
 from conftest import run_script as run
 
 
@@ -58,8 +58,8 @@ def test_sampling_is_deterministic_for_a_seed(trained, tmp_path):
     (["-m", "cdm.evaluate", "--npz", "s.npz", "--split", "-5"],
      "--split -5: expected a number of held-out digits, or 0 to skip"),
 ])
-def test_user_errors_are_one_line_and_exit_2(args, message):
-    assert_one_line_error(run(*args, expect=2), message)
+def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
+    assert_one_line_error(run_in_process(*args, expect=2, capsys=capsys), message)
 
 
 def test_sample_rejects_an_aug_level_outside_the_trained_range(trained):
