@@ -49,7 +49,7 @@ def run_in_process(script, *args, expect=0, capsys):
         args = args[1:]
     old_argv, old_cwd = sys.argv, os.getcwd()
     sys.argv = [module or script, *args]
-    os.chdir(ROOT)  # relative paths in args read as a user in the repository root gives them
+    os.chdir(ROOT)  # relative paths in args mean what they mean to a user in the repository root
     code = 0
     try:
         if module:

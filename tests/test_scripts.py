@@ -1,4 +1,5 @@
-"""The two scripts end to end, as a user runs them (subprocesses, real MNIST from the shared root)."""
+"""The two scripts end to end, as a user runs them (subprocesses, real MNIST from the shared root;
+the one-line error checks run in-process, which reads the same exit status and stderr)."""
 import numpy as np
 import pytest
 from PIL import Image
