@@ -31,8 +31,9 @@ last N of the floor's order (for N <= 10,000 no floor set of the default 5 draws
 base's N samples against the digits' true base-size versions, and the SR stages given those true
 versions against the test digits, each beside the same measure for real digits (stage_split;
 each stage samples with its stored sampler, not the sweeps' options).
-Writes results.md, results.json, sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with
---plot, fd_vs_aug_level.png to --out.
+Writes results.md, results.json (with each seed's FDs, `fd_<space>_each`, for comparing two files
+seed by seed), sr_grid_<run>.png (rows: HR | LR | bicubic | SR) and, with --plot,
+fd_vs_aug_level.png to --out.
 """
 from __future__ import annotations
 
@@ -141,7 +142,9 @@ def bootstrap_std(space: FeatureSpace, feats: torch.Tensor, probs: torch.Tensor,
 
 
 def mean_std(rows: list[dict]) -> dict:
-    """The mean of every number the rows share and, over two or more rows, its std (ddof 1)."""
+    """The mean of every number the rows share and, over two or more rows, its std (ddof 1); the
+    FDs also row by row (`fd_..._each`, in seed order): two files scored with the same seeds draw
+    the same classes, so their per-seed differences compare them more finely than the spreads."""
     out = {}
     for key, value in rows[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -149,6 +152,8 @@ def mean_std(rows: list[dict]) -> dict:
             out[key] = float(np.mean(values)) if isinstance(value, float) else value
             if len(rows) > 1 and isinstance(value, float):
                 out[f"{key}_std"] = float(np.std(values, ddof=1))
+                if key.startswith("fd"):
+                    out[f"{key}_each"] = [float(v) for v in values]
     return out
 
 

@@ -99,7 +99,8 @@ def test_floor_refuses_more_draws_than_the_data_allows(spaces, train_digits):
 
 def test_spread_over_seeds_and_bootstrap(spaces, train_digits):
     rows = [{"n": 10, "fd": 1.0, "spread": "x"}, {"n": 10, "fd": 3.0, "spread": "x"}]
-    assert mean_std(rows) == {"n": 10, "fd": 2.0, "fd_std": pytest.approx(2 ** 0.5)}
+    assert mean_std(rows) == {"n": 10, "fd": 2.0, "fd_std": pytest.approx(2 ** 0.5), "fd_each": [1.0, 3.0]}
+    assert "fd_each" not in mean_std(rows[:1])  # one row: no spread, nothing per row
     assert "2 ± 1.4" in markdown_table([mean_std(rows)], ["fd"])
     images, labels = train_digits
     small = score(spaces, images[:150], labels[:150], bootstrap=50)
