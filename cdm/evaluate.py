@@ -143,8 +143,9 @@ def bootstrap_std(space: FeatureSpace, feats: torch.Tensor, probs: torch.Tensor,
 
 def mean_std(rows: list[dict]) -> dict:
     """The mean of every number the rows share and, over two or more rows, its std (ddof 1); the
-    FDs also row by row (`fd_..._each`, in seed order): two files scored with the same seeds draw
-    the same classes, so their per-seed differences compare them more finely than the spreads."""
+    FDs also row by row (`fd_..._each`: a checkpoint's seeds or the floor's sets, in order). Two
+    files scored with the same seeds draw the same classes, so their per-seed differences compare
+    them more finely than the spreads."""
     out = {}
     for key, value in rows[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
