@@ -68,6 +68,8 @@ class DiffusionConfig:
     noise_distribution: str = "uniform"  # training timesteps: uniform in [0, T-1] | lognormal (EDM)
     p_mean: float = -1.2  # lognormal: ln(sigma) ~ N(p_mean, p_std^2), sigma = sqrt((1 - abar) / abar)
     p_std: float = 1.2  # (Karras et al. 2022, Table 1: P_mean, P_std), taken to the first state at or above
+    stratified: bool = False  # one training state in each 1/B-th of the distribution, not B independent
+    # draws (the low-discrepancy sampler of Kingma et al. 2021): less noise in each batch's loss
 
     @property
     def forward_process(self) -> tuple[int, str]:

@@ -61,6 +61,7 @@ class GaussianDiffusion:
         self.prediction = cfg.prediction
         self.loss_weight, self.min_snr_gamma = cfg.loss_weight, cfg.min_snr_gamma
         self.noise_distribution, self.p_mean, self.p_std = cfg.noise_distribution, cfg.p_mean, cfg.p_std
+        self.stratified = cfg.stratified
         betas = beta_schedule(cfg.schedule, cfg.timesteps)  # beta_t, float64
         alpha_bar = torch.cumprod(1 - betas, dim=0)  # \bar\alpha_t
 
@@ -161,10 +162,21 @@ class GaussianDiffusion:
         [0, T-1] (DDPM Alg. 1). lognormal: EDM's noise distribution (Karras et al. 2022, Sec. 5,
         Table 1), ln(sigma) ~ N(P_mean, P_std^2), each draw taken to the first state whose sigma_t
         reaches it (the last state past sigma_{T-1}): with P_mean = -1.2 the training centres on
-        sigma = 0.3 (t near 180 of the cosine schedule's 1000) instead of spreading evenly over t."""
-        if self.noise_distribution == "uniform":
-            return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=generator.device)
-        log_sigma = self.p_mean + self.p_std * torch.randn(batch, generator=generator, device=generator.device)
+        sigma = 0.3 (t near 180 of the cosine schedule's 1000) instead of spreading evenly over t.
+        stratified: the batch's quantiles u_i = (u_0 + i / batch) mod 1 share one uniform u_0 (the
+        low-discrepancy sampler of Variational Diffusion Models, Kingma et al. 2021), so each
+        1/batch-th of the distribution gets one state: the same marginal, less noise per batch."""
+        device = generator.device
+        if not self.stratified:
+            if self.noise_distribution == "uniform":
+                return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+            log_sigma = self.p_mean + self.p_std * torch.randn(batch, generator=generator, device=device)
+        else:
+            u = (torch.rand(1, generator=generator, device=device)
+                 + torch.arange(batch, device=device) / batch) % 1  # (batch,) in [0, 1)
+            if self.noise_distribution == "uniform":
+                return (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+            log_sigma = self.p_mean + self.p_std * torch.special.ndtri(u.clamp(min=1e-7))  # inverse normal CDF
         t = torch.searchsorted(self.log_sigma.to(log_sigma.device), log_sigma)
         return t.clamp(max=self.num_timesteps - 1)
 

@@ -83,6 +83,27 @@ def test_lognormal_training_timesteps_follow_edm_noise_distribution(schedule):
     assert (wider.training_timesteps(200_000, torch.Generator().manual_seed(0)) > 900).float().mean() > 2 * (t > 900).float().mean()
 
 
+@pytest.mark.parametrize("noise_distribution", ["uniform", "lognormal"])
+def test_stratified_training_timesteps_keep_the_marginal_and_steady_each_batch(noise_distribution):
+    """Kingma et al. 2021's low-discrepancy sampler: one state in each 1/B-th of the distribution
+    (for uniform t with B = 100 and T = 1000: exactly one t in each block of 10), the same pooled
+    distribution as independent draws, and a batch mean that varies far less from batch to batch."""
+    def draws(stratified: bool, seed: int) -> torch.Tensor:  # (200, 100): 200 batches of 100
+        d = GaussianDiffusion(DiffusionConfig(noise_distribution=noise_distribution, stratified=stratified))
+        gen = torch.Generator().manual_seed(seed)
+        return torch.stack([d.training_timesteps(100, gen) for _ in range(200)])
+
+    iid, strat = draws(False, 0), draws(True, 0)
+    if noise_distribution == "uniform":
+        assert all(torch.equal(torch.sort(row // 10).values, torch.arange(100)) for row in strat)
+    assert not torch.equal(strat[0], strat[1])  # u_0 is drawn anew for every batch
+    pooled_iid, pooled_strat = iid.flatten().float(), strat.flatten().float()
+    for q in (0.1, 0.5, 0.9):  # the same marginal: quantiles of 20,000 draws agree
+        assert abs(pooled_iid.quantile(q) - pooled_strat.quantile(q)) < 25
+    assert strat.float().mean(dim=1).std() < 0.2 * iid.float().mean(dim=1).std()
+    assert torch.equal(draws(True, 0), strat)  # reproducible from the generator
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(prediction):
     """Hang et al. 2023: whatever the model predicts, the min_snr loss of an output equals

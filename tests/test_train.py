@@ -11,12 +11,14 @@ from cdm.train import StageMeter, StepStats, learning_rate, make_stage, train, t
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("self_condition, noise_distribution", [(False, "uniform"), (True, "lognormal")])
-def test_tiny_stage_overfits_one_batch(tiny_cfg, self_condition, noise_distribution):
+@pytest.mark.parametrize("self_condition, noise_distribution, stratified",
+                         [(False, "uniform", False), (True, "lognormal", False), (False, "uniform", True)])
+def test_tiny_stage_overfits_one_batch(tiny_cfg, self_condition, noise_distribution, stratified):
     torch.manual_seed(0)
     tiny_cfg.base.optim.lr = 2e-3
     tiny_cfg.base.model.self_condition = self_condition  # judged on its first pass (no estimate yet)
     tiny_cfg.base.diffusion.noise_distribution = noise_distribution  # EDM's draws, through train_step
+    tiny_cfg.base.diffusion.stratified = stratified
     stage = make_stage(tiny_cfg, 0, torch.device("cpu"), compile_model=False, channels_last=False)
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.rand(1, 1, 8, 8, generator=gen) * 2 - 1).repeat(8, 1, 1, 1)  # one image to memorise
