@@ -166,17 +166,17 @@ class GaussianDiffusion:
         stratified: the batch's quantiles u_i = (u_0 + i / batch) mod 1 share one uniform u_0 (the
         low-discrepancy sampler of Variational Diffusion Models, Kingma et al. 2021), so each
         1/batch-th of the distribution gets one state: the same marginal, less noise per batch."""
-        device = generator.device
-        if not self.stratified:
-            if self.noise_distribution == "uniform":
-                return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
-            log_sigma = self.p_mean + self.p_std * torch.randn(batch, generator=generator, device=device)
-        else:
+        device, uniform = generator.device, self.noise_distribution == "uniform"
+        if self.stratified:
             u = (torch.rand(1, generator=generator, device=device)
                  + torch.arange(batch, device=device) / batch) % 1  # (batch,) in [0, 1)
-            if self.noise_distribution == "uniform":
+            if uniform:
                 return (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
             log_sigma = self.p_mean + self.p_std * torch.special.ndtri(u.clamp(min=1e-7))  # inverse normal CDF
+        elif uniform:
+            return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+        else:
+            log_sigma = self.p_mean + self.p_std * torch.randn(batch, generator=generator, device=device)
         t = torch.searchsorted(self.log_sigma.to(log_sigma.device), log_sigma)
         return t.clamp(max=self.num_timesteps - 1)
 
