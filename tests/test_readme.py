@@ -62,3 +62,19 @@ def test_blocks_that_train_or_need_a_run_say_how_long(page, block):
     """A reader must know before pasting it that a block trains (or needs a run's checkpoint)
     and for about how long: a comment in the block gives a time."""
     assert re.search(r"#.*\b\d[\d,.]*\s*(s|min|h)\b", block), f"{page}: this block states no time:\n{block}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_every_code_block_is_closed(page):
+    """An unclosed fence turns the prose after it into code and the next block into prose, and
+    the checks above then read the wrong lines: each opening fence meets a bare ``` first."""
+    open_at = None
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        if not line.lstrip().startswith("```"):
+            continue
+        if open_at is None:
+            open_at = number
+        else:
+            assert line.strip() == "```", f"{page.name}:{open_at}: block not closed before line {number}"
+            open_at = None
+    assert open_at is None, f"{page.name}:{open_at}: block never closed"
