@@ -205,7 +205,7 @@ def posthoc(src: str | os.PathLike, dst: str | os.PathLike, std: float, step: in
     src = Path(src)
     if not 0 < std <= MAX_EMA_STD:
         raise UserError(f"posthoc: --std must be in (0, {MAX_EMA_STD}] (a relative std), got {std}")
-    ckpt = load_checkpoint(src)
+    ckpt = load_checkpoint(src, stages=[])  # a run of some stages (--stages 1) mixes those
     step = int(ckpt["step"]) if step is None else step
     if not 0 < step <= int(ckpt["step"]):
         raise UserError(f"posthoc: --step must be in [1, {ckpt['step']}] (the steps '{src}' trained), got {step}")

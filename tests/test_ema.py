@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cdm.checkpoint import SNAPSHOT_DIR, CheckpointError, posthoc
+from cdm.checkpoint import SNAPSHOT_DIR, CheckpointError, combine, posthoc
 from cdm.config import load_config
 from cdm.ema import PowerEMA, ema_decay, exponent, posthoc_weights, profile_error, relative_std
 from cdm.errors import UserError
@@ -97,6 +97,25 @@ def test_a_run_saves_snapshots_and_posthoc_mixes_them(snapshot_run, tmp_path):
         assert torch.equal(mixed["stages"][1]["ema"][key], value)
     _, errors = posthoc(snapshot_run, tmp_path / "q.pt", 0.07, step=2)  # earlier, untracked: a mix
     assert 0 < errors[0] < 0.2
+
+
+def test_a_run_of_one_stage_mixes_that_stage(snapshot_run, tmp_path):
+    """A stage trained apart (--stages 1) keeps snapshots of that stage alone; posthoc mixes it
+    without asking for the other stages, and the result still combines into a cascade."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"out_dir={tmp_path}", "data.download=false", "train.steps=4", "train.sample_every=0",
+        "train.stages=[1]", "stages.1.optim.posthoc_ema_std=[0.05, 0.1]"])
+    run = train(cfg, progress=False)
+    path, errors = posthoc(run, tmp_path / "sr.pt", 0.1)
+    assert list(errors) == [1] and errors[1] < 1e-6
+    mixed = torch.load(path, weights_only=True)
+    assert sorted(mixed["stages"]) == [1]
+    for key, value in torch.load(run, weights_only=True)["stages"][1]["power_ema"]["0.1"].items():
+        torch.testing.assert_close(mixed["stages"][1]["ema"][key], value)
+    joined = torch.load(combine([snapshot_run, path], tmp_path / "joined.pt"), weights_only=True)
+    assert sorted(joined["stages"]) == [0, 1]
+    for key, value in mixed["stages"][1]["ema"].items():
+        assert torch.equal(joined["stages"][1]["ema"][key], value)
 
 
 def test_a_run_without_snapshots_cannot_be_mixed_or_resumed_with_them(snapshot_run, tiny_cfg, tmp_path):
