@@ -86,17 +86,30 @@ class CascadeSamples(NamedTuple):
         return list(self.outputs.values())[-1]
 
 
+def class_counts(num: int, shares: torch.Tensor) -> torch.Tensor:
+    """(C,) whole counts summing to `num`, in proportion to `shares` (C,) (largest remainder)."""
+    quota = num * shares.double() / shares.sum()
+    counts = quota.floor().long()
+    counts[torch.argsort(quota - counts, descending=True)[:num - int(counts.sum())]] += 1
+    return counts
+
+
 def default_labels(num: int, num_classes: int, device, generator: torch.Generator | None = None,
-                   prior: list[float] | None = None) -> torch.Tensor | None:
+                   prior: list[float] | None = None, stratified: bool = False) -> torch.Tensor | None:
     """`num` labels drawn at random from `prior` (one share per class; None: every class alike)
     for a conditional model, else None. A class-conditional cascade models
     p(x) = sum_y p(y) p(x | y): drawn from the training labels' shares (data.class_prior), the
-    classes come in the data's mix, which a set of class-balanced real digits is not (docs/results.md 9.15)."""
+    classes come in the data's mix, which a set of class-balanced real digits is not (docs/results.md 9.15).
+    stratified: each class exactly its share of `num` (class_counts), in random order, so that
+    no draw of the class histogram moves a score (docs/results.md 9.21)."""
     if not num_classes:
         return None
     if prior is not None and len(prior) != num_classes:
         raise UserError(f"data.class_prior has {len(prior)} shares, the model asks for {num_classes} classes")
     weights = torch.ones(num_classes) if prior is None else torch.tensor(prior, dtype=torch.float64)
+    if stratified:
+        labels = torch.repeat_interleave(torch.arange(num_classes), class_counts(num, weights)).to(device)
+        return labels[torch.randperm(num, generator=generator, device=device)]
     return torch.multinomial(weights.to(device), num, replacement=True, generator=generator)
 
 

@@ -22,12 +22,19 @@ MNIST *training* digits scored exactly like samples (same reference, same code),
 row is "at the floor" in a space when its FD is within one floor standard deviation of the
 floor's mean.
 
+Classes (--classes): a conditional checkpoint draws its classes at random from the training
+shares, and the floor's sets hold whatever classes fall in them, so at N = 10,000 the class
+histogram moves every FD (most of the floor's spread, docs/results.md 9.21). --classes stratified
+takes that noise out of both sides: each seed asks for every class exactly its share of N, and
+each floor set holds exactly that many training digits of each class (class-conditional
+checkpoints only; an .npz keeps its own classes).
+
 SR table (SR3 style): the SR stages (all of them, in turn) given the true base-size test digits,
 against bicubic upsampling: PSNR, SSIM, consistency, and how often each evaluation network still
 reads the true digit. --aug-level and --aug-mode set every SR stage.
 
 Stages apart (--split N): which stage limits the cascade, on N held-out training digits, the
-last N of the floor's order (for N <= 10,000 no floor set of the default 5 draws uses them): the
+last N of the floor's order (for N <= 10,000 no drawn floor set of the default 5 uses them): the
 base's N samples against the digits' true base-size versions, and the SR stages given those true
 versions against the test digits, each beside the same measure for real digits (stage_split;
 each stage samples with its stored sampler, not the sweeps' options).
@@ -51,7 +58,8 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from cdm import metrics
-from cdm.cascade import Stage, load_cascade, sample_cascade, with_augment, with_sampler
+from cdm.cascade import Stage, class_counts, default_labels, load_cascade, sample_cascade, with_augment, with_sampler
+from cdm.checkpoint import checkpoint_config, load_checkpoint
 from cdm.classifier import DEFAULT_PATHS, load_classifier
 from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS, SPACINGS
 from cdm.data import downsample, to_unit_range
@@ -164,18 +172,29 @@ def floor_order(count: int, seed: int = 0) -> torch.Tensor:
 
 
 def floor_rows(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.Tensor,
-               sizes: list[int], draws: int, seed: int = 0) -> list[dict]:
+               sizes: list[int], draws: int, seed: int = 0, stratified: bool = False) -> list[dict]:
     """The real-data floor at each N: `draws` disjoint sets of N training digits, each scored
-    exactly like a set of samples, mean ± std over the sets."""
+    exactly like a set of samples, mean ± std over the sets. stratified: each set holds exactly
+    each class's share of N (class_counts of the training labels), in the floor's order per class."""
     order = floor_order(len(images), seed)
+    by_class = [order[labels[order] == k] for k in range(int(labels.max()) + 1)]  # (n_k,) each
     rows = []
     for n in sizes:
         if n * draws > len(images):
             raise UserError(f"--floor-draws {draws}: {draws} disjoint sets of N = {n} need "
                             f"{n * draws} training digits, there are {len(images)}")
         sets = [order[i * n:(i + 1) * n] for i in range(draws)]
+        if stratified:
+            counts = class_counts(n, torch.tensor([len(idx) for idx in by_class])).tolist()
+            short = [k for k, c in enumerate(counts) if c * draws > len(by_class[k])]
+            if short:
+                raise UserError(f"--classes stratified: {draws} disjoint sets of N = {n} need "
+                                f"{counts[short[0]] * draws} training digits of class {short[0]}, "
+                                f"there are {len(by_class[short[0]])}")
+            sets = [torch.cat([idx[i * c:(i + 1) * c] for idx, c in zip(by_class, counts)]) for i in range(draws)]
         scored = [score(spaces, images[idx], labels[idx]) for idx in tqdm(sets, desc=f"floor N={n}", leave=False)]
-        rows.append({"samples": f"real MNIST training digits (the floor; {draws} disjoint sets)",
+        kind = " class-stratified" if stratified else ""
+        rows.append({"samples": f"real MNIST training digits (the floor; {draws} disjoint{kind} sets)",
                      "spread": f"{draws} sets", **mean_std(scored)})
     return rows
 
@@ -344,6 +363,9 @@ def main() -> None:
     parser.add_argument("--sr-digits", type=int, default=1000, help="test digits for the SR table (0: skip)")
     parser.add_argument("--split", type=int, default=0, help="held-out training digits to measure "
                         "each stage apart on, e.g. 10000 (0: skip; docs/results.md 9.14)")
+    parser.add_argument("--classes", choices=("drawn", "stratified"), default="drawn",
+                        help="a conditional checkpoint's classes: drawn at random from the training "
+                        "shares, or stratified, exactly each share of N, beside class-stratified floor sets")
     parser.add_argument("--classifier", nargs="+", default=[str(p) for p in DEFAULT_PATHS.values()],
                         help="evaluation networks, one feature space each; the first is primary")
     parser.add_argument("--device", default="auto")
@@ -359,6 +381,14 @@ def main() -> None:
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a positive number")
     if args.split < 0:
         raise UserError(f"--split {args.split}: expected a number of held-out digits, or 0 to skip")
+    stratified = args.classes == "stratified"
+    if stratified and args.npz:
+        raise UserError("--classes stratified: an .npz keeps the classes it was drawn with; "
+                        "score .npz files without it")
+    for path in args.checkpoint if stratified else []:  # before the minutes of feature spaces
+        if not any(s.model.num_classes for s in checkpoint_config(load_checkpoint(path), path).stages):
+            raise UserError(f"--classes stratified: '{path}' is not class-conditional, so it cannot be "
+                            f"asked for classes; score it without --classes")
     if args.no_guidance and (args.cfg_scale or args.guidance_scale or args.noisy_classifier):
         raise UserError("--no-guidance samples unguided: drop --cfg-scale, --guidance-scale and "
                         "--noisy-classifier, or drop --no-guidance")
@@ -389,6 +419,7 @@ def main() -> None:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
         run = f"{Path(path).parent.name}/{Path(path).name}"
+        num_classes = next((s.model.num_classes for s in stages if s.model.num_classes), 0)
         for stage in stages[1:]:
             bad = [s for s in args.aug_level or [] if not 0 <= s <= stage.cfg.augment.max_level]
             if bad:
@@ -408,8 +439,10 @@ def main() -> None:
             scored = []
             for seed in tqdm(args.seeds, desc=f"{run} seeds", leave=False):
                 start = time.perf_counter()
-                samples = sample_cascade(chain, args.num_samples,
-                                         generator=torch.Generator(device).manual_seed(seed),
+                generator = torch.Generator(device).manual_seed(seed)
+                labels = (default_labels(args.num_samples, num_classes, device, generator, cfg.data.class_prior,
+                                         stratified=True) if stratified else None)  # None: drawn inside
+                samples = sample_cascade(chain, args.num_samples, generator=generator, labels=labels,
                                          batch_size=args.batch_size, bf16=bf16, progress=True,
                                          guidance=replace(guidance, cfg_scale=cfg_scale, classifier_scale=scale),
                                          class_prior=cfg.data.class_prior)
@@ -418,7 +451,7 @@ def main() -> None:
                 scored.append({**score(spaces, images, samples.labels), "sample_s": seconds,
                                "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
             guided = (f", cfg {cfg_scale:g}" * bool(chain[0].model.num_classes) + f", cg {scale:g}" * bool(scale)
-                      + f", {guidance.redraw_text}" * bool(guidance.redraw))
+                      + f", {guidance.redraw_text}" * bool(guidance.redraw) + ", classes stratified" * stratified)
             samplers = "/".join(s.cfg.sampler.label for s in chain)
             rows.append({"samples": f"{run} (step {ckpt['step']}, s={level} {mode}, {samplers}{guided})",
                          "run": run, "aug_level": level, "aug_mode": mode, "cfg_scale": cfg_scale,
@@ -437,7 +470,8 @@ def main() -> None:
             split_rows += [{"run": run, **row} for row in stage_split(
                 stages, train_images[hr], train_labels[hr], train_images[other], spaces, args.seeds, bf16,
                 args.batch_size)]
-    floors = floor_rows(spaces, train_images, train_labels, sorted({r["n"] for r in rows}), args.floor_draws)
+    floors = floor_rows(spaces, train_images, train_labels, sorted({r["n"] for r in rows}), args.floor_draws,
+                        stratified=stratified)
     by_n = {r["n"]: r for r in floors}
     for r in rows:
         r["at_floor"] = at_floor(r, by_n, spaces)

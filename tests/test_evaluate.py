@@ -6,7 +6,7 @@ import torch
 from cdm.checkpoint import CheckpointError, save_checkpoint
 from cdm.classifier import MnistClassifier, MnistResNet, load_classifier
 from cdm.datasets import load_mnist
-from cdm.cascade import Stage, build_stage
+from cdm.cascade import Stage, build_stage, class_counts, default_labels
 from cdm.evaluate import FeatureSpace, at_floor, floor_rows, markdown_table, mean_std, score, stage_split
 
 from conftest import assert_one_line_error, run_script
@@ -95,6 +95,29 @@ def test_floor_holds_real_digits_and_rejects_a_shifted_distribution(spaces, trai
 def test_floor_refuses_more_draws_than_the_data_allows(spaces, train_digits):
     with pytest.raises(Exception, match="5 disjoint sets of N = 1000 need 5000 training digits"):
         floor_rows(spaces, *train_digits, [1000], draws=5)
+
+
+def test_stratified_classes_hold_each_share_exactly_on_both_sides(spaces, train_digits):
+    shares = torch.tensor([0.5, 0.3, 0.2])
+    assert class_counts(7, shares).tolist() == [4, 2, 1]  # quotas 3.5, 2.1, 1.4: the largest remainder
+    draws = [default_labels(1000, 3, "cpu", torch.Generator().manual_seed(s), shares.tolist(), stratified=True)
+             for s in (0, 1)]
+    for labels in draws:
+        assert torch.bincount(labels, minlength=3).tolist() == [500, 300, 200]
+    assert not torch.equal(*draws)  # the same histogram in another order
+    drawn = default_labels(1000, 3, "cpu", torch.Generator().manual_seed(0), shares.tolist())
+    assert torch.bincount(drawn, minlength=3).tolist() != [500, 300, 200]  # multinomial: it varies
+    images, labels = train_digits
+    floor = floor_rows(spaces, images, labels, [500], draws=4, stratified=True)[0]
+    assert "class-stratified" in floor["samples"] and floor["n"] == 500
+    order = torch.randperm(3000, generator=torch.Generator().manual_seed(0))  # the floor's order
+    want = class_counts(500, torch.bincount(labels)).tolist()
+    firsts = torch.cat([order[labels[order] == k][:c] for k, c in enumerate(want)])
+    assert score(spaces, images[firsts], labels[firsts])["fd_cnn32"] == pytest.approx(floor["fd_cnn32_each"][0])
+    halves = torch.tensor([0] * 5 + [1] * 5)  # N = 5: one class gets 3, twice that is more than 5
+    with pytest.raises(Exception, match="--classes stratified: 2 disjoint sets of N = 5 need 6 training "
+                                        "digits of class [01], there are 5"):
+        floor_rows(spaces, images[:10], halves, [5], draws=2, stratified=True)
 
 
 def test_spread_over_seeds_and_bootstrap(spaces, train_digits):

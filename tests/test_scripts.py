@@ -58,9 +58,18 @@ def test_sampling_is_deterministic_for_a_seed(trained, tmp_path):
      "--spacing 'karras': expected uniform or quadratic"),
     (["-m", "cdm.evaluate", "--npz", "s.npz", "--split", "-5"],
      "--split -5: expected a number of held-out digits, or 0 to skip"),
+    (["-m", "cdm.evaluate", "--npz", "s.npz", "--classes", "stratified"],
+     "--classes stratified: an .npz keeps the classes it was drawn with; score .npz files without it"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
     assert_one_line_error(run_in_process(*args, expect=2, capsys=capsys), message)
+
+
+def test_evaluate_refuses_stratified_classes_for_an_unconditional_checkpoint(trained, tmp_path, capsys):
+    path = trained / "checkpoint.pt"
+    out = run_in_process("-m", "cdm.evaluate", "--checkpoint", str(path), "--classes", "stratified",
+                         "--out", str(tmp_path), "--device", "cpu", expect=2, capsys=capsys)
+    assert_one_line_error(out, f"--classes stratified: '{path}' is not class-conditional")
 
 
 def test_sample_rejects_an_aug_level_outside_the_trained_range(trained):
