@@ -177,21 +177,22 @@ def floor_rows(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.T
     exactly like a set of samples, mean ± std over the sets. stratified: each set holds exactly
     each class's share of N (class_counts of the training labels), in the floor's order per class."""
     order = floor_order(len(images), seed)
-    by_class = [order[labels[order] == k] for k in range(int(labels.max()) + 1)]  # (n_k,) each
+    by_class = [order[labels[order] == k] for k in range(int(labels.max()) + 1)] if stratified else []  # (n_k,) each
     rows = []
     for n in sizes:
         if n * draws > len(images):
             raise UserError(f"--floor-draws {draws}: {draws} disjoint sets of N = {n} need "
                             f"{n * draws} training digits, there are {len(images)}")
-        sets = [order[i * n:(i + 1) * n] for i in range(draws)]
         if stratified:
             counts = class_counts(n, torch.tensor([len(idx) for idx in by_class])).tolist()
-            short = [k for k, c in enumerate(counts) if c * draws > len(by_class[k])]
-            if short:
+            short = next((k for k, c in enumerate(counts) if c * draws > len(by_class[k])), None)
+            if short is not None:
                 raise UserError(f"--classes stratified: {draws} disjoint sets of N = {n} need "
-                                f"{counts[short[0]] * draws} training digits of class {short[0]}, "
-                                f"there are {len(by_class[short[0]])}")
+                                f"{counts[short] * draws} training digits of class {short}, "
+                                f"there are {len(by_class[short])}")
             sets = [torch.cat([idx[i * c:(i + 1) * c] for idx, c in zip(by_class, counts)]) for i in range(draws)]
+        else:
+            sets = [order[i * n:(i + 1) * n] for i in range(draws)]
         scored = [score(spaces, images[idx], labels[idx]) for idx in tqdm(sets, desc=f"floor N={n}", leave=False)]
         kind = " class-stratified" if stratified else ""
         rows.append({"samples": f"real MNIST training digits (the floor; {draws} disjoint{kind} sets)",
@@ -419,7 +420,6 @@ def main() -> None:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
         run = f"{Path(path).parent.name}/{Path(path).name}"
-        num_classes = next((s.model.num_classes for s in stages if s.model.num_classes), 0)
         for stage in stages[1:]:
             bad = [s for s in args.aug_level or [] if not 0 <= s <= stage.cfg.augment.max_level]
             if bad:
@@ -440,7 +440,7 @@ def main() -> None:
             for seed in tqdm(args.seeds, desc=f"{run} seeds", leave=False):
                 start = time.perf_counter()
                 generator = torch.Generator(device).manual_seed(seed)
-                labels = (default_labels(args.num_samples, num_classes, device, generator, cfg.data.class_prior,
+                labels = (default_labels(args.num_samples, cfg.num_labels, device, generator, cfg.data.class_prior,
                                          stratified=True) if stratified else None)  # None: drawn inside
                 samples = sample_cascade(chain, args.num_samples, generator=generator, labels=labels,
                                          batch_size=args.batch_size, bf16=bf16, progress=True,

@@ -7,7 +7,7 @@ from cdm.checkpoint import CheckpointError, save_checkpoint
 from cdm.classifier import MnistClassifier, MnistResNet, load_classifier
 from cdm.datasets import load_mnist
 from cdm.cascade import Stage, build_stage, class_counts, default_labels
-from cdm.evaluate import FeatureSpace, at_floor, floor_rows, markdown_table, mean_std, score, stage_split
+from cdm.evaluate import FeatureSpace, at_floor, floor_order, floor_rows, markdown_table, mean_std, score, stage_split
 
 from conftest import assert_one_line_error, run_script
 
@@ -110,7 +110,7 @@ def test_stratified_classes_hold_each_share_exactly_on_both_sides(spaces, train_
     images, labels = train_digits
     floor = floor_rows(spaces, images, labels, [500], draws=4, stratified=True)[0]
     assert "class-stratified" in floor["samples"] and floor["n"] == 500
-    order = torch.randperm(3000, generator=torch.Generator().manual_seed(0))  # the floor's order
+    order = floor_order(3000)
     want = class_counts(500, torch.bincount(labels)).tolist()
     firsts = torch.cat([order[labels[order] == k][:c] for k, c in enumerate(want)])
     assert score(spaces, images[firsts], labels[firsts])["fd_cnn32"] == pytest.approx(floor["fd_cnn32_each"][0])
