@@ -154,9 +154,11 @@ def combine(paths: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
     """One cascade from files that trained different stages (train.stages / --stages): each
     stage, and its part of the config, comes from the last file that holds it (so a later file
     can replace a stage of a whole cascade, e.g. a retrained SR stage); everything else (data,
-    guidance, train, the classifier, RNG state) from the first file. Refuses files that
-    contribute no stage and stages that do not chain: a stage must have been trained on exactly
-    the sizes, channels and schedule of the stage before it that the combined cascade uses."""
+    guidance, train, the classifier, RNG state) from the first file. The cascade has as many
+    stages as the longest file's config, so the base of a 2-stage file can start a 3-stage
+    cascade whose SR stages trained apart. Refuses files that contribute no stage and stages
+    that do not chain: a stage must have been trained on exactly the sizes, channels and
+    schedule of the stage before it that the combined cascade uses."""
     ckpts = [load_checkpoint(p, stages=[]) for p in paths]
     configs = [checkpoint_config(c, p) for c, p in zip(ckpts, paths)]
     owner: dict[int, int] = {}  # stage index -> which file holds it
@@ -167,15 +169,14 @@ def combine(paths: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
     if unused:
         raise CheckpointError(f"combine: every stage of '{unused[0]}' is replaced by a later file; "
                               f"leave it out")
-    count = len(configs[0].stages)
+    count = max(len(cfg.stages) for cfg in configs)
     if sorted(owner) != list(range(count)):
         missing = sorted(set(range(count)) - set(owner))
         raise CheckpointError(f"combine: no file holds stage(s) {missing} of the {count}-stage cascade")
     for k, cfg in enumerate(configs):
-        if len(cfg.stages) != count or cfg.data.channels != configs[0].data.channels:
-            raise CheckpointError(f"combine: '{paths[k]}' is a {len(cfg.stages)}-stage cascade with "
-                                  f"{cfg.data.channels} channel(s); '{paths[0]}' has {count} stages "
-                                  f"and {configs[0].data.channels}: they do not chain")
+        if cfg.data.channels != configs[0].data.channels:
+            raise CheckpointError(f"combine: '{paths[k]}' makes {cfg.data.channels}-channel images and "
+                                  f"'{paths[0]}' {configs[0].data.channels}-channel ones: they do not chain")
     stages = [configs[owner[i]].stages[i] for i in range(count)]
     for i in range(1, count):  # the SR stage i learned from its own config's stage i - 1
         seen = configs[owner[i]].stages[i - 1]
