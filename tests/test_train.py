@@ -124,8 +124,12 @@ def test_gpu_code_paths_on_cpu_compile_bf16_channels_last(tmp_path, monkeypatch)
     code generation would add 2-4 minutes on a cold cache (a fresh CI machine) and tests torch,
     not this project; test_cuda runs inductor on a GPU."""
     compile_, compiled = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or compile_(
-        model, backend="aot_eager", **kw))
+
+    def compile_aot_eager(model, **kwargs):
+        compiled.append(model)
+        return compile_(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"out_dir={tmp_path}", "data.download=false", "train.steps=2", "train.sample_every=2",
         "train.compile=always", "train.precision=bf16", "train.channels_last=true"])
