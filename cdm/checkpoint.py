@@ -183,7 +183,7 @@ def combine(paths: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
         made = stages[i - 1]
         if (seen.image_size, seen.diffusion.forward_process) != (made.image_size, made.diffusion.forward_process):
             raise CheckpointError(f"combine: stage {i} in '{paths[owner[i]]}' was trained on "
-                                  f"{seen.image_size}x{seen.image_size} inputs noised with (T, schedule) "
+                                  f"{seen.image_size}x{seen.image_size} inputs noised with (T, schedule, log_snr_shift) "
                                   f"{seen.diffusion.forward_process}, but stage {i - 1} in "
                                   f"'{paths[owner[i - 1]]}' makes {made.image_size}x{made.image_size} "
                                   f"with {made.diffusion.forward_process}: they do not chain")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -62,6 +63,7 @@ class ModelConfig:
 class DiffusionConfig:
     timesteps: int = 1000  # T, number of forward-process steps
     schedule: str = "cosine"  # beta schedule: linear (DDPM) | cosine (Nichol & Dhariwal)
+    log_snr_shift: float = 0.0  # added to log SNR(t) at every t (Hoogeboom et al. 2023): > 0 = less noise
     prediction: str = "v"  # what the UNet predicts: eps | v (Salimans & Ho 2022)
     loss_weight: str = "uniform"  # uniform (the plain MSE of eps or v) | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # min_snr: the x0-error weight min(SNR, gamma)
@@ -72,10 +74,10 @@ class DiffusionConfig:
     # draws (the low-discrepancy sampler of Kingma et al. 2021): less noise in each batch's loss
 
     @property
-    def forward_process(self) -> tuple[int, str]:
+    def forward_process(self) -> tuple[int, str, float]:
         """What q(x_t | x_0) depends on: a stage noised on this schedule (an SR stage's
-        augmentation, a noisy classifier) fits any model trained with the same two."""
-        return self.timesteps, self.schedule
+        augmentation, a noisy classifier) fits any model trained with the same three."""
+        return self.timesteps, self.schedule, self.log_snr_shift
 
 
 @dataclass
@@ -312,6 +314,8 @@ def _validate_stage(stage: StageConfig, i: int, prev: StageConfig | None) -> Non
     _validate_model(m, stage.image_size, name)
     _check(d.timesteps >= 2, f"{name}.diffusion.timesteps", ">= 2", d.timesteps)
     _check(d.schedule in SCHEDULES, f"{name}.diffusion.schedule", " or ".join(SCHEDULES), d.schedule)
+    _check(math.isfinite(d.log_snr_shift) and abs(d.log_snr_shift) <= 10, f"{name}.diffusion.log_snr_shift",
+           "a number in [-10, 10]", d.log_snr_shift)
     _check(d.prediction in PREDICTIONS, f"{name}.diffusion.prediction", " or ".join(PREDICTIONS),
            d.prediction)
     _check(d.loss_weight in ("uniform", "min_snr"), f"{name}.diffusion.loss_weight", "uniform or min_snr",

@@ -22,17 +22,25 @@ import torch.nn.functional as F
 from cdm.config import DiffusionConfig, SamplerConfig
 
 
-def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
+def beta_schedule(name: str, timesteps: int, log_snr_shift: float = 0.0) -> torch.Tensor:
     """Betas in float64. linear: DDPM section 4 (1e-4 .. 0.02 scaled to T steps);
-    cosine: Nichol & Dhariwal Eq. 17, abar(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008."""
+    cosine: Nichol & Dhariwal Eq. 17, abar(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008.
+    log_snr_shift: added to log SNR(t) = log(abar_t / (1 - abar_t)) at every t (the shifted
+    schedules of Hoogeboom et al. 2023, Sec. 3.1, simple diffusion): > 0 moves every state toward
+    the clean image, so more of the T states, and of a sampler's steps, fall at low noise."""
     if name == "linear":
         scale = 1000 / timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    if name == "cosine":
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    elif name == "cosine":
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
         alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown beta schedule {name!r}")
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"unknown beta schedule {name!r}")
+    if log_snr_shift == 0:
+        return betas
+    alpha_bar = torch.sigmoid(torch.logit(torch.cumprod(1 - betas, dim=0)) + log_snr_shift)  # (T,)
+    return 1 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -62,7 +70,7 @@ class GaussianDiffusion:
         self.loss_weight, self.min_snr_gamma = cfg.loss_weight, cfg.min_snr_gamma
         self.noise_distribution, self.p_mean, self.p_std = cfg.noise_distribution, cfg.p_mean, cfg.p_std
         self.stratified = cfg.stratified
-        betas = beta_schedule(cfg.schedule, cfg.timesteps)  # beta_t, float64
+        betas = beta_schedule(cfg.schedule, cfg.timesteps, cfg.log_snr_shift)  # beta_t, float64
         alpha_bar = torch.cumprod(1 - betas, dim=0)  # \bar\alpha_t
 
         def table(x: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ def check_fits(classifier_cfg: Config, cascade: Config, path: str | os.PathLike)
     means nothing to that base stage."""
     for key, ours, theirs in (("stages.0.image_size", classifier_cfg.base.image_size, cascade.base.image_size),
                               ("data.channels", classifier_cfg.data.channels, cascade.data.channels),
-                              ("stages.0.diffusion (timesteps, schedule)", classifier_cfg.base.diffusion.forward_process,
+                              ("stages.0.diffusion (timesteps, schedule, log_snr_shift)", classifier_cfg.base.diffusion.forward_process,
                                cascade.base.diffusion.forward_process)):
         if ours != theirs:
             raise UserError(f"classifier '{path}' was trained with {key} = {ours}, but this "

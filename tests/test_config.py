@@ -65,6 +65,8 @@ def test_old_two_stage_keys_are_refused_with_the_new_layout():
     (["stages.0.diffusion.schedule=sigmoid"], "'stages.0.diffusion.schedule': expected linear or cosine"),
     (["stages.1.diffusion.noise_distribution=logit"], "'stages.1.diffusion.noise_distribution': expected uniform or lognormal"),
     (["stages.1.diffusion.p_std=0"], "'stages.1.diffusion.p_std': expected > 0"),
+    (["stages.1.diffusion.log_snr_shift=.nan"], "'stages.1.diffusion.log_snr_shift': expected a number in [-10, 10]"),
+    (["stages.1.diffusion.log_snr_shift=40"], "'stages.1.diffusion.log_snr_shift': expected a number in [-10, 10]"),
     (["stages.1.sampler.steps=0"], "'stages.1.sampler.steps': expected in [1"),
     (["stages.1.sampler.spacing=karras"], "'stages.1.sampler.spacing': expected uniform or quadratic"),
     (["stages.0.optim.lr=-1"], "'stages.0.optim.lr': expected > 0"),

@@ -18,6 +18,21 @@ def test_schedule_endpoints_and_monotonicity(schedule):
     assert d.abar(torch.tensor([-1]), 1).item() == 1.0
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("shift", [-1.5, 1.3862944])
+def test_shifted_schedule_moves_log_snr_by_the_shift_at_every_state(schedule, shift):
+    plain = GaussianDiffusion(DiffusionConfig(schedule=schedule))
+    shifted = GaussianDiffusion(DiffusionConfig(schedule=schedule, log_snr_shift=shift))
+    assert ((shifted.betas > 0) & (shifted.betas < 1)).all()
+    assert (shifted.alpha_bar[1:] < shifted.alpha_bar[:-1]).all(), "abar must still fall strictly"
+    moved = torch.log(shifted.snr.double()) - torch.log(plain.snr.double())  # (T,)
+    assert torch.allclose(moved, torch.full_like(moved, shift), atol=1e-3)
+    # the sampler's grid is the same states, so a shift toward the clean image lowers the noise
+    # that the last call of a few-step sampler sees
+    last = plain.timesteps(3, spacing="quadratic")[-2]
+    assert (shifted.sqrt_one_minus_alpha_bar[last] < plain.sqrt_one_minus_alpha_bar[last]) == (shift > 0)
+
+
 def test_linear_schedule_matches_ddpm():
     betas = beta_schedule("linear", 1000)
     assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
