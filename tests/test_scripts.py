@@ -1,10 +1,15 @@
-"""The two scripts end to end, as a user runs them (subprocesses, real MNIST from the shared root;
-the one-line error checks run in-process, which reads the same exit status and stderr)."""
+"""The two scripts (and docs/experiments/redraw_finetune.py) end to end, as a user runs them
+(subprocesses, real MNIST from the shared root; the one-line error checks run in-process, which
+reads the same exit status and stderr)."""
+import importlib.util
+import os
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import assert_one_line_error, run_in_process
+from conftest import ROOT, assert_one_line_error, run_in_process
 from conftest import run_script as run
 
 
@@ -76,3 +81,39 @@ def test_sample_rejects_an_aug_level_outside_the_trained_range(trained):
     proc = run("sample.py", "--checkpoint", str(trained / "checkpoint.pt"), "--aug-level", "999",
                "--device", "cpu", expect=2)
     assert "trained on levels 0..200" in proc.stderr
+
+
+def _redraw_experiment():
+    spec = importlib.util.spec_from_file_location("redraw_finetune", ROOT / "docs/experiments/redraw_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_redraws_from_later_base_states_move_the_inputs_further():
+    """docs/results.md 9.26: a redraw from the base's last state keeps a true 8x8 digit close;
+    one from a deeper state moves it further (in the published file: 0.008 against 0.054)."""
+    from cdm.cascade import load_cascade
+    from cdm.data import downsample
+    from cdm.datasets import load_data
+    _, (base, _), _ = load_cascade(ROOT / "output/pretrained/cdm_mnist_cpu_2h_redraw.pt", "cpu")
+    data = load_data("mnist", os.environ["CDM_DATA_ROOT"], False, 32, 1, train=False)
+    generator = torch.Generator().manual_seed(0)
+    digits, labels = data.batch(64, generator)
+    low_res = downsample(digits, 8)  # (64, 1, 8, 8)
+    change = {}
+    for t0 in (9, 159):
+        redrawn = _redraw_experiment().redraw(base, low_res, labels, [t0], generator)
+        assert redrawn.shape == low_res.shape and redrawn.abs().max() <= 1.0
+        change[t0] = (redrawn - low_res).abs().mean().item()
+    assert change[9] < 0.03 < change[159]
+
+
+def test_the_redraw_experiment_fine_tunes_only_the_sr_stage(tmp_path):
+    src, out = ROOT / "output/pretrained/cdm_mnist_cpu_2h_redraw.pt", tmp_path / "ft.pt"
+    run("docs/experiments/redraw_finetune.py", str(src), str(out), "--steps", "2", "--warmup", "1")
+    before, after = (torch.load(p, weights_only=True)["stages"] for p in (src, out))
+    assert all(torch.equal(before[0]["ema"][k], after[0]["ema"][k]) for k in before[0]["ema"])
+    assert any(not torch.equal(before[1]["ema"][k], after[1]["ema"][k]) for k in before[1]["ema"])
+    proc = run("docs/experiments/redraw_finetune.py", str(src), str(out), "--steps", "1", expect=2)
+    assert "--steps (1) must exceed --warmup (100)" in proc.stderr
