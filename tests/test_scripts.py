@@ -101,9 +101,9 @@ def test_redraws_from_later_base_states_move_the_inputs_further():
     generator = torch.Generator().manual_seed(0)
     digits, labels = data.batch(64, generator)
     low_res = downsample(digits, 8)  # (64, 1, 8, 8)
-    change = {}
+    redraw, change = _redraw_experiment().redraw, {}
     for t0 in (9, 159):
-        redrawn = _redraw_experiment().redraw(base, low_res, labels, [t0], generator)
+        redrawn = redraw(base, low_res, labels, [t0], generator)
         assert redrawn.shape == low_res.shape and redrawn.abs().max() <= 1.0
         change[t0] = (redrawn - low_res).abs().mean().item()
     assert change[9] < 0.03 < change[159]

@@ -14,7 +14,7 @@ decay 0.999 from those weights; the file is written with its SR EMA weights repl
 """
 import argparse
 import copy
-import math
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,7 +30,7 @@ from cdm.datasets import load_data
 from cdm.diffusion import gaussian_noise
 from cdm.ema import ema_update
 from cdm.guidance import drop_labels
-from cdm.train import random_crop
+from cdm.train import learning_rate, random_crop
 from cdm.unet import upsample_low_res
 
 
@@ -68,15 +68,16 @@ def main() -> None:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     cfg, (base, sr), _ = load_cascade(args.checkpoint, "cpu")
+    schedule = dataclasses.replace(sr.cfg, optim=dataclasses.replace(  # warm-up, then cosine to zero
+        sr.cfg.optim, lr=args.lr, warmup_steps=args.warmup, lr_decay="cosine"))
     model = sr.model.train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=sr.cfg.optim.weight_decay, fused=True)
     data = load_data(cfg.data.dataset, cfg.data_root, cfg.data.download, sr.cfg.image_size, cfg.data.channels)
     aug, start = sr.cfg.augment, time.time()
     for step in range(args.steps):
-        progress = max(0, step - args.warmup) / (args.steps - args.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+            group["lr"] = learning_rate(step, schedule, args.steps)
         hr, y = data.batch(sr.cfg.optim.batch_size, generator)  # (B, C, 32, 32), (B,)
         low_res = downsample(hr, base.cfg.image_size)  # (B, C, 8, 8)
         if args.redraw > 0:
