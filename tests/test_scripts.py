@@ -109,11 +109,19 @@ def test_redraws_from_later_base_states_move_the_inputs_further():
     assert change[9] < 0.03 < change[159]
 
 
-def test_the_redraw_experiment_fine_tunes_only_the_sr_stage(tmp_path):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, stage):
     src, out = ROOT / "output/pretrained/cdm_mnist_cpu_2h_redraw.pt", tmp_path / "ft.pt"
-    run("docs/experiments/redraw_finetune.py", str(src), str(out), "--steps", "2", "--warmup", "1")
+    redraw = "0.5" if stage else "0"
+    run("docs/experiments/redraw_finetune.py", str(src), str(out), "--stage", str(stage), "--redraw", redraw,
+        "--steps", "2", "--warmup", "1")
     before, after = (torch.load(p, weights_only=True)["stages"] for p in (src, out))
-    assert all(torch.equal(before[0]["ema"][k], after[0]["ema"][k]) for k in before[0]["ema"])
-    assert any(not torch.equal(before[1]["ema"][k], after[1]["ema"][k]) for k in before[1]["ema"])
-    proc = run("docs/experiments/redraw_finetune.py", str(src), str(out), "--steps", "1", expect=2)
-    assert "--steps (1) must exceed --warmup (100)" in proc.stderr
+    kept, tuned = before[1 - stage]["ema"], before[stage]["ema"]
+    assert all(torch.equal(kept[k], after[1 - stage]["ema"][k]) for k in kept)
+    assert any(not torch.equal(tuned[k], after[stage]["ema"][k]) for k in tuned)
+    if stage:
+        proc = run("docs/experiments/redraw_finetune.py", str(src), str(out), "--steps", "1", expect=2)
+        assert "--steps (1) must exceed --warmup (100)" in proc.stderr
+    else:
+        proc = run("docs/experiments/redraw_finetune.py", str(src), str(out), "--stage", "0", expect=2)
+        assert "--stage 0 fine-tunes the base on true digits: give --redraw 0" in proc.stderr

@@ -8,6 +8,8 @@ stays the true 32x32 digit. --redraw 0 is the control: the same fine-tuning on t
 The cascade's other augmentation (blur) and patches are the stage's own; the fine-tuning starts
 from the file's EMA weights with a fresh AdamW, warm-up then cosine decay to zero, and an EMA of
 decay 0.999 from those weights; the file is written with its SR EMA weights replaced.
+--stage 0 fine-tunes the base alike instead (9.27: a second learning-rate cycle for it, on its
+true 8x8 digits; no redraws).
 
     python docs/experiments/redraw_finetune.py output/pretrained/cdm_mnist_cpu_2h_b128.pt OUT.pt \
         --redraw 0.5 --states 39,89,159
@@ -54,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a two-stage class-conditional cascade file")
     parser.add_argument("out")
+    parser.add_argument("--stage", type=int, choices=(0, 1), default=1, help="1: the SR stage, 0: the base")
     parser.add_argument("--redraw", type=float, default=0.5, help="share of each batch redrawn by the base")
     parser.add_argument("--states", default="39,89,159", help="base states t0 to redraw from (the sampler's own)")
     parser.add_argument("--steps", type=int, default=1500)
@@ -63,43 +66,49 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    if args.stage == 0 and args.redraw:
+        parser.error("--stage 0 fine-tunes the base on true digits: give --redraw 0")
     states = [int(s) for s in args.states.split(",")]
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     cfg, (base, sr), _ = load_cascade(args.checkpoint, "cpu")
-    schedule = dataclasses.replace(sr.cfg, optim=dataclasses.replace(  # warm-up, then cosine to zero
-        sr.cfg.optim, lr=args.lr, warmup_steps=args.warmup, lr_decay="cosine"))
-    model = sr.model.train().requires_grad_(True)
+    stage = (base, sr)[args.stage]
+    schedule = dataclasses.replace(stage.cfg, optim=dataclasses.replace(  # warm-up, then cosine to zero
+        stage.cfg.optim, lr=args.lr, warmup_steps=args.warmup, lr_decay="cosine"))
+    model = stage.model.train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=sr.cfg.optim.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=stage.cfg.optim.weight_decay, fused=True)
     data = load_data(cfg.data.dataset, cfg.data_root, cfg.data.download, sr.cfg.image_size, cfg.data.channels)
     aug, start = sr.cfg.augment, time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, schedule, args.steps)
-        hr, y = data.batch(sr.cfg.optim.batch_size, generator)  # (B, C, 32, 32), (B,)
+        hr, y = data.batch(stage.cfg.optim.batch_size, generator)  # (B, C, 32, 32), (B,)
         low_res = downsample(hr, base.cfg.image_size)  # (B, C, 8, 8)
-        if args.redraw > 0:
-            chosen = torch.rand(len(y), generator=generator) < args.redraw  # (B,)
-            if chosen.any():
-                low_res[chosen] = redraw(base, low_res[chosen], y[chosen], states, generator)
-        z = blur_low_res(low_res, aug.blur_prob, aug.blur_sigma, generator)
-        z = upsample_low_res(z, sr.cfg.image_size, sr.cfg.model.upsample_mode)  # (B, C, 32, 32)
-        target, z = random_crop([hr, z], sr.cfg.optim.crop_size, generator)
-        labels = drop_labels(y, sr.cfg.model.label_dropout, sr.cfg.model.num_classes, generator)
-        cond = sr_cond(z, torch.zeros(len(y), dtype=torch.long), labels)
-        t = sr.diffusion.training_timesteps(len(y), generator)
-        loss = sr.diffusion.training_loss(model, target, t, cond, gaussian_noise(target, generator)).mean()
+        if args.stage == 0:  # the base learns the 8x8 digits themselves
+            target, cond = low_res, {"y": drop_labels(y, base.cfg.model.label_dropout, base.cfg.model.num_classes, generator)}
+        else:
+            if args.redraw > 0:
+                chosen = torch.rand(len(y), generator=generator) < args.redraw  # (B,)
+                if chosen.any():
+                    low_res[chosen] = redraw(base, low_res[chosen], y[chosen], states, generator)
+            z = blur_low_res(low_res, aug.blur_prob, aug.blur_sigma, generator)
+            z = upsample_low_res(z, sr.cfg.image_size, sr.cfg.model.upsample_mode)  # (B, C, 32, 32)
+            target, z = random_crop([hr, z], sr.cfg.optim.crop_size, generator)
+            labels = drop_labels(y, sr.cfg.model.label_dropout, sr.cfg.model.num_classes, generator)
+            cond = sr_cond(z, torch.zeros(len(y), dtype=torch.long), labels)
+        t = stage.diffusion.training_timesteps(len(y), generator)
+        loss = stage.diffusion.training_loss(model, target, t, cond, gaussian_noise(target, generator)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), sr.cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.cfg.optim.grad_clip)
         optimizer.step()
         ema_update(ema, model, 0.999)
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
     ckpt = torch.load(args.checkpoint, weights_only=True)
-    ckpt["stages"][1]["ema"] = ema.state_dict()
+    ckpt["stages"][args.stage]["ema"] = ema.state_dict()
     print("saved", save_checkpoint(ckpt, args.out))
 
 
