@@ -31,8 +31,7 @@ from cdm.data import downsample
 from cdm.datasets import load_data
 from cdm.diffusion import gaussian_noise
 from cdm.ema import ema_update
-from cdm.guidance import drop_labels
-from cdm.train import learning_rate, random_crop
+from cdm.train import learning_rate, random_crop, stage_labels
 from cdm.unet import upsample_low_res
 
 
@@ -87,7 +86,7 @@ def main() -> None:
         hr, y = data.batch(stage.cfg.optim.batch_size, generator)  # (B, C, 32, 32), (B,)
         low_res = downsample(hr, base.cfg.image_size)  # (B, C, 8, 8)
         if args.stage == 0:  # the base learns the 8x8 digits themselves
-            target, cond = low_res, {"y": drop_labels(y, base.cfg.model.label_dropout, base.cfg.model.num_classes, generator)}
+            target, cond = low_res, {"y": stage_labels(y, base.cfg, generator)}
         else:
             if args.redraw > 0:
                 chosen = torch.rand(len(y), generator=generator) < args.redraw  # (B,)
@@ -96,8 +95,7 @@ def main() -> None:
             z = blur_low_res(low_res, aug.blur_prob, aug.blur_sigma, generator)
             z = upsample_low_res(z, sr.cfg.image_size, sr.cfg.model.upsample_mode)  # (B, C, 32, 32)
             target, z = random_crop([hr, z], sr.cfg.optim.crop_size, generator)
-            labels = drop_labels(y, sr.cfg.model.label_dropout, sr.cfg.model.num_classes, generator)
-            cond = sr_cond(z, torch.zeros(len(y), dtype=torch.long), labels)
+            cond = sr_cond(z, torch.zeros(len(y), dtype=torch.long), stage_labels(y, sr.cfg, generator))
         t = stage.diffusion.training_timesteps(len(y), generator)
         loss = stage.diffusion.training_loss(model, target, t, cond, gaussian_noise(target, generator)).mean()
         optimizer.zero_grad(set_to_none=True)
