@@ -110,7 +110,7 @@ def test_redraws_from_later_base_states_move_the_inputs_further():
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, stage):
+def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, stage, capsys):
     src, out = ROOT / "output/pretrained/cdm_mnist_cpu_2h_redraw.pt", tmp_path / "ft.pt"
     redraw = "0.5" if stage else "0"
     run("docs/experiments/redraw_finetune.py", str(src), str(out), "--stage", str(stage), "--redraw", redraw,
@@ -119,9 +119,8 @@ def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, s
     kept, tuned = before[1 - stage]["ema"], before[stage]["ema"]
     assert all(torch.equal(kept[k], after[1 - stage]["ema"][k]) for k in kept)
     assert any(not torch.equal(tuned[k], after[stage]["ema"][k]) for k in tuned)
-    if stage:
-        proc = run("docs/experiments/redraw_finetune.py", str(src), str(out), "--steps", "1", expect=2)
-        assert "--steps (1) must exceed --warmup (100)" in proc.stderr
-    else:
-        proc = run("docs/experiments/redraw_finetune.py", str(src), str(out), "--stage", "0", expect=2)
-        assert "--stage 0 fine-tunes the base on true digits: give --redraw 0" in proc.stderr
+    # bad arguments: one line and exit code 2 (in this process: no second interpreter start-up)
+    bad, message = ((["--steps", "1"], "--steps (1) must exceed --warmup (100)") if stage else
+                    (["--stage", "0"], "--stage 0 fine-tunes the base on true digits: give --redraw 0"))
+    proc = run_in_process("docs/experiments/redraw_finetune.py", str(src), str(out), *bad, expect=2, capsys=capsys)
+    assert message in proc.stderr
