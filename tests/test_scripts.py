@@ -119,7 +119,7 @@ def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, s
     kept, tuned = before[1 - stage]["ema"], before[stage]["ema"]
     assert all(torch.equal(kept[k], after[1 - stage]["ema"][k]) for k in kept)
     assert any(not torch.equal(tuned[k], after[stage]["ema"][k]) for k in tuned)
-    # bad arguments: one line and exit code 2 (in this process: no second interpreter start-up)
+    # bad arguments: exit code 2 and the message (in this process: no second interpreter start-up)
     bad, message = ((["--steps", "1"], "--steps (1) must exceed --warmup (100)") if stage else
                     (["--stage", "0"], "--stage 0 fine-tunes the base on true digits: give --redraw 0"))
     proc = run_in_process("docs/experiments/redraw_finetune.py", str(src), str(out), *bad, expect=2, capsys=capsys)
