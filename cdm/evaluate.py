@@ -377,9 +377,10 @@ def main() -> None:
         raise UserError("nothing to score: give --checkpoint and/or --npz files")
     modes = choice_list("--aug-mode", args.aug_mode, AUG_MODES)
     spacings = choice_list("--spacing", args.spacing, SPACINGS)
-    for key in ("num_samples", "floor_draws"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a positive number")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples}: expected a positive number")
+    if args.floor_draws < 2:
+        raise UserError(f"--floor-draws {args.floor_draws}: the floor's spread needs at least 2 sets of real digits")
     if args.split < 0:
         raise UserError(f"--split {args.split}: expected a number of held-out digits, or 0 to skip")
     stratified = args.classes == "stratified"

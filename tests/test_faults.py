@@ -147,9 +147,11 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum
 def test_cli_argument_errors_are_one_line(tmp_path, capsys):
     for args in (["sample.py", "--checkpoint", "x.pt", "--num-samples", "0"],
                  ["sample.py", "--checkpoint", "x.pt", "--num-samples", "-3"],
-                 ["train_mnist.py", "--bogus"]):
+                 ["train_mnist.py", "--bogus"],
+                 ["-m", "cdm.evaluate", "--npz", "x.npz", "--floor-draws", "1"]):  # a floor needs a spread
         proc = run_in_process(*args, expect=2, capsys=capsys)
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:"), proc.stderr
+        assert args[-2] in proc.stderr or args[-1] in proc.stderr, proc.stderr  # names the flag
 
 
 def test_unwritable_out_folder(tmp_path):
