@@ -1,4 +1,4 @@
-"""The two scripts (and docs/experiments/redraw_finetune.py) end to end, as a user runs them
+"""The two scripts (and the two experiments in docs/experiments/) end to end, as a user runs them
 (subprocesses, real MNIST from the shared root; the one-line error checks run in-process, which
 reads the same exit status and stderr)."""
 import importlib.util
@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from cdm.unet import upsample_low_res
 
 from conftest import ROOT, assert_one_line_error, run_in_process
 from conftest import run_script as run
@@ -83,8 +85,9 @@ def test_sample_rejects_an_aug_level_outside_the_trained_range(trained):
     assert "trained on levels 0..200" in proc.stderr
 
 
-def _redraw_experiment():
-    spec = importlib.util.spec_from_file_location("redraw_finetune", ROOT / "docs/experiments/redraw_finetune.py")
+def _experiment(name: str):
+    """docs/experiments/<name>.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"docs/experiments/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -101,7 +104,7 @@ def test_redraws_from_later_base_states_move_the_inputs_further():
     generator = torch.Generator().manual_seed(0)
     digits, labels = data.batch(64, generator)
     low_res = downsample(digits, 8)  # (64, 1, 8, 8)
-    redraw, change = _redraw_experiment().redraw, {}
+    redraw, change = _experiment("redraw_finetune").redraw, {}
     for t0 in (9, 159):
         redrawn = redraw(base, low_res, labels, [t0], generator)
         assert redrawn.shape == low_res.shape and redrawn.abs().max() <= 1.0
@@ -124,3 +127,31 @@ def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, s
                     (["--stage", "0"], "--stage 0 fine-tunes the base on true digits: give --redraw 0"))
     proc = run_in_process("docs/experiments/redraw_finetune.py", str(src), str(out), *bad, expect=2, capsys=capsys)
     assert message in proc.stderr
+
+
+def test_the_sr_ensemble_averages_its_members_and_tiles_cover_the_image(capsys):
+    """docs/results.md 9.29: an ensemble returns the mean of its members' outputs; tiles that
+    cover the image reproduce a pixel-wise network exactly, and the whole-image window the network."""
+    from cdm.cascade import load_cascade
+    experiment = _experiment("sr_ensemble")
+    sr = [load_cascade(ROOT / f"output/pretrained/{name}.pt", "cpu")[1][1].model
+          for name in ("cdm_mnist_cpu_2h_redraw", "cdm_mnist_cpu_default")]
+    generator = torch.Generator().manual_seed(0)
+    x, low_res = torch.randn(2, 1, 32, 32, generator=generator), torch.randn(2, 1, 8, 8, generator=generator)
+    cond = {"t": torch.tensor([443, 110]), "low_res": low_res, "aug_level": torch.zeros(2, dtype=torch.long),
+            "y": torch.tensor([3, 7])}
+    with torch.no_grad():
+        a, b = (m(x, **cond) for m in sr)
+        torch.testing.assert_close(experiment.Ensemble(sr)(x, **cond), (a + b) / 2)
+        torch.testing.assert_close(experiment.Tiled(sr[0], 32, 8)(x, **cond), a)
+        pixelwise = torch.nn.Module()
+        pixelwise.num_classes, pixelwise.out, pixelwise.upsample_mode = 10, None, "bilinear"
+        pixelwise.forward = lambda x, t, low_res, **_: x * low_res + t.view(-1, 1, 1, 1)
+        expected = pixelwise(x, cond["t"], upsample_low_res(low_res, 32, "bilinear"))
+        torch.testing.assert_close(experiment.Tiled(pixelwise, 16, 8)(x, **cond), expected)
+        assert not torch.allclose(experiment.Tiled(sr[0], 16, 8)(x, **cond), a, atol=1e-3)  # a UNet is not
+    src = str(ROOT / "output/pretrained/cdm_mnist_cpu_2h_redraw.pt")
+    for bad, message in (([str(ROOT / "output/pretrained/cdm_mnist_cpu_uncond.pt")], "does not take the inputs"),
+                         (["--tile", "12"], "must cover the 32x32 image exactly")):
+        proc = run_in_process("docs/experiments/sr_ensemble.py", src, *bad, "--out", "x.json", expect=2, capsys=capsys)
+        assert message in proc.stderr
