@@ -129,9 +129,10 @@ def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, s
     assert message in proc.stderr
 
 
-def test_the_sr_ensemble_averages_its_members_and_tiles_cover_the_image(capsys):
+def test_the_sr_experiment_averages_members_covers_with_tiles_and_guides(capsys):
     """docs/results.md 9.29: an ensemble returns the mean of its members' outputs; tiles that
-    cover the image reproduce a pixel-wise network exactly, and the whole-image window the network."""
+    cover the image reproduce a pixel-wise network exactly, and the whole-image window the network;
+    SR-only guidance mixes the label's and the null label's outputs."""
     from cdm.cascade import load_cascade
     experiment = _experiment("sr_ensemble")
     sr = [load_cascade(ROOT / f"output/pretrained/{name}.pt", "cpu")[1][1].model
@@ -150,8 +151,12 @@ def test_the_sr_ensemble_averages_its_members_and_tiles_cover_the_image(capsys):
         expected = pixelwise(x, cond["t"], upsample_low_res(low_res, 32, "bilinear"))
         torch.testing.assert_close(experiment.Tiled(pixelwise, 16, 8)(x, **cond), expected)
         assert not torch.allclose(experiment.Tiled(sr[0], 16, 8)(x, **cond), a, atol=1e-3)  # a UNet is not
+        null = sr[0](x, **{**cond, "y": torch.full((2,), 10)})  # the null label
+        torch.testing.assert_close(experiment.Guided(sr[0], 0.5)(x, **cond), 1.5 * a - 0.5 * null)
     src = str(ROOT / "output/pretrained/cdm_mnist_cpu_2h_redraw.pt")
-    for bad, message in (([str(ROOT / "output/pretrained/cdm_mnist_cpu_uncond.pt")], "does not take the inputs"),
-                         (["--tile", "12"], "must cover the 32x32 image exactly")):
-        proc = run_in_process("docs/experiments/sr_ensemble.py", src, *bad, "--out", "x.json", expect=2, capsys=capsys)
+    uncond = str(ROOT / "output/pretrained/cdm_mnist_cpu_uncond.pt")
+    for args, message in (([src, uncond], "does not take the inputs"),
+                          ([src, "--tile", "12"], "must cover the 32x32 image exactly"),
+                          ([uncond, "--sr-cfg-scale", "1"], "has no learned null label")):
+        proc = run_in_process("docs/experiments/sr_ensemble.py", *args, "--out", "x.json", expect=2, capsys=capsys)
         assert message in proc.stderr

@@ -6,12 +6,15 @@
   others lend only their SR stage, which must take the same inputs. For v-prediction the average
   is exact in the sense of classifier_free (guidance.py): at fixed x_t, x0 and eps are affine in
   v, so averaging v averages both estimates.
+* SR-only classifier-free guidance (--sr-cfg-scale w): the SR stage's output is
+  (1 + w) out(y) - w out(null) (guidance.classifier_free), the base unguided; `--cfg-scale`
+  of sample.py and cdm.evaluate guides every stage.
 * Tiles: one SR stage evaluated on overlapping --tile x --tile windows (the patch size it trained
   on, so every GroupNorm and attention sees what it saw in training), each pixel the mean of the
   windows that hold it.
 
-Sampled in fp32 on the CPU, as the rows of docs/results.md 9.29 are (`precision: auto` samples in
-bf16 autocast on a CPU with native bf16, which moved the published file's FDs by under 0.0005).
+Sampled on the CPU in fp32, or with --bf16 in bf16 autocast, as `precision: auto` samples on a CPU
+with native bf16 (which moved the published file's FDs by under 0.0005, docs/results.md 9.29).
 
     python docs/experiments/sr_ensemble.py A.pt B.pt C.pt --num-samples 10000 --seeds 0 --out ens.json
     python docs/experiments/sr_ensemble.py A.pt --tile 16 --stride 8 --num-samples 10000 --seeds 0 --out tiles.json
@@ -32,6 +35,7 @@ from cdm.config import DATA_ROOT_ENV
 from cdm.datasets import load_mnist
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli
 from cdm.evaluate import FeatureSpace, mean_std, score
+from cdm.guidance import classifier_free
 from cdm.unet import upsample_low_res
 
 
@@ -45,6 +49,18 @@ class Ensemble(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return torch.stack([m(x, t, **cond) for m in self.members]).mean(0)  # (B, C, H, W)
+
+
+class Guided(torch.nn.Module):
+    """A conditional SR network under classifier-free guidance of weight w."""
+
+    def __init__(self, model: torch.nn.Module, w: float):
+        super().__init__()
+        self.inner, self.num_classes, self.out = model, model.num_classes, model.out
+        self.guided = classifier_free(model, w, model.num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.guided(x, t, **cond)
 
 
 class Tiled(torch.nn.Module):
@@ -73,6 +89,8 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", help="two-stage cascade files; the first gives the base")
     parser.add_argument("--tile", type=int, default=0, help="evaluate the SR stage on tiles this size (0: whole)")
     parser.add_argument("--stride", type=int, default=8, help="the tiles' stride")
+    parser.add_argument("--sr-cfg-scale", type=float, default=0.0, help="classifier-free guidance of the SR stage only")
+    parser.add_argument("--bf16", action="store_true", help="sample in bf16 autocast (default: fp32)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int_list, default=[0])
     parser.add_argument("--out", required=True, help="results .json")
@@ -92,7 +110,12 @@ def main() -> None:
     if args.tile and (args.tile > stages[1].cfg.image_size or (stages[1].cfg.image_size - args.tile) % args.stride):
         raise UserError(f"--tile {args.tile} --stride {args.stride}: the tiles must cover the "
                         f"{stages[1].cfg.image_size}x{stages[1].cfg.image_size} image exactly")
+    if args.sr_cfg_scale and not (stages[1].model.num_classes and cfg.stages[1].model.label_dropout > 0):
+        raise UserError(f"--sr-cfg-scale: the SR stage of '{args.checkpoints[0]}' has no learned null label "
+                        f"(class-conditional with stages.1.model.label_dropout > 0)")
     stages[1].model = Ensemble(members) if len(members) > 1 else members[0]
+    if args.sr_cfg_scale:
+        stages[1].model = Guided(stages[1].model, args.sr_cfg_scale)
     if args.tile:
         stages[1].model = Tiled(stages[1].model, args.tile, args.stride)
 
@@ -102,12 +125,13 @@ def main() -> None:
     for seed in args.seeds:
         start = time.perf_counter()
         samples = sample_cascade(stages, args.num_samples, torch.Generator().manual_seed(seed), batch_size=500,
-                                 class_prior=cfg.data.class_prior)
+                                 class_prior=cfg.data.class_prior, bf16=args.bf16)
         images = samples.images.cpu()
         rows.append({**score(spaces, images, samples.labels), "sample_s": time.perf_counter() - start,
                      "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
         print(f"seed {seed}: FD cnn32 {rows[-1]['fd_cnn32']:.4f}, resnet28 {rows[-1]['fd_resnet28']:.4f}", flush=True)
     result = {"checkpoints": args.checkpoints, "tile": args.tile, "stride": args.stride, "seeds": args.seeds,
+              "sr_cfg_scale": args.sr_cfg_scale, "bf16": args.bf16,
               **mean_std(rows)}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("wrote", args.out)
