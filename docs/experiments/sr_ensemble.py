@@ -1,4 +1,4 @@
-"""docs/results.md 9.29: the SR stage read two other ways at sampling time, scored like a row of
+"""docs/results.md 9.29: the SR stage read other ways at sampling time, scored like a row of
 `python -m cdm.evaluate` (drawn classes, N samples per seed, both feature spaces).
 
 * An ensemble: the SR stages of several files, each a separate training run, average their
@@ -18,6 +18,7 @@ with native bf16 (which moved the published file's FDs by under 0.0005, docs/res
 
     python docs/experiments/sr_ensemble.py A.pt B.pt C.pt --num-samples 10000 --seeds 0 --out ens.json
     python docs/experiments/sr_ensemble.py A.pt --tile 16 --stride 8 --num-samples 10000 --seeds 0 --out tiles.json
+    python docs/experiments/sr_ensemble.py A.pt --sr-cfg-scale 0.3 --bf16 --num-samples 10000 --seeds 0 --out cfg.json
 """
 import json
 import os
