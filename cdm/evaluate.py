@@ -58,7 +58,8 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from cdm import metrics
-from cdm.cascade import Stage, class_counts, default_labels, load_cascade, sample_cascade, with_augment, with_sampler
+from cdm.cascade import (CascadeSamples, Stage, class_counts, default_labels, load_cascade, sample_cascade,
+                         with_augment, with_sampler)
 from cdm.checkpoint import checkpoint_config, load_checkpoint
 from cdm.classifier import DEFAULT_PATHS, load_classifier
 from cdm.config import AUG_MODES, DATA_ROOT_ENV, SAMPLERS, SPACINGS
@@ -114,6 +115,14 @@ def score(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.Tensor
         if bootstrap:
             row.update(bootstrap_std(space, feats, probs, labels, bootstrap, seed))
     return row
+
+
+def cascade_row(spaces: list[FeatureSpace], samples: CascadeSamples, seconds: float) -> dict:
+    """One seed of a cascade row: its samples scored (with the labels asked for), the sampling
+    time, and the consistency of the final images with the base's outputs."""
+    images = samples.images.cpu()
+    return {**score(spaces, images, samples.labels), "sample_s": seconds,
+            "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()}
 
 
 def class_numbers(probs: torch.Tensor, labels: torch.Tensor | None) -> dict:
@@ -447,10 +456,7 @@ def main() -> None:
                                          batch_size=args.batch_size, bf16=bf16, progress=True,
                                          guidance=replace(guidance, cfg_scale=cfg_scale, classifier_scale=scale),
                                          class_prior=cfg.data.class_prior)
-                seconds = time.perf_counter() - start
-                images = samples.images.cpu()
-                scored.append({**score(spaces, images, samples.labels), "sample_s": seconds,
-                               "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
+                scored.append(cascade_row(spaces, samples, time.perf_counter() - start))
             guided = (f", cfg {cfg_scale:g}" * bool(chain[0].model.num_classes) + f", cg {scale:g}" * bool(scale)
                       + f", {guidance.redraw_text}" * bool(guidance.redraw) + ", classes stratified" * stratified)
             samplers = "/".join(s.cfg.sampler.label for s in chain)

@@ -145,6 +145,7 @@ def test_the_sr_experiment_averages_members_covers_with_tiles_and_guides(capsys)
         a, b = (m(x, **cond) for m in sr)
         torch.testing.assert_close(experiment.Ensemble(sr)(x, **cond), (a + b) / 2)
         torch.testing.assert_close(experiment.Tiled(sr[0], 32, 8)(x, **cond), a)
+        torch.testing.assert_close(experiment.Tiled(experiment.Ensemble(sr), 32, 8)(x, **cond), (a + b) / 2)  # nested
         pixelwise = torch.nn.Module()
         pixelwise.num_classes, pixelwise.out, pixelwise.upsample_mode = 10, None, "bilinear"
         pixelwise.forward = lambda x, t, low_res, **_: x * low_res + t.view(-1, 1, 1, 1)

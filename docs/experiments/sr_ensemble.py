@@ -29,52 +29,58 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, where cdm/ is
-from cdm import metrics
 from cdm.cascade import load_cascade, sample_cascade
 from cdm.classifier import DEFAULT_PATHS
 from cdm.config import DATA_ROOT_ENV
 from cdm.datasets import load_mnist
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli
-from cdm.evaluate import FeatureSpace, mean_std, score
+from cdm.evaluate import FeatureSpace, cascade_row, mean_std
 from cdm.guidance import classifier_free
 from cdm.unet import upsample_low_res
 
 
-class Ensemble(torch.nn.Module):
+class Wrapper(torch.nn.Module):
+    """An SR network read another way, showing what sampling (cascade.py: num_classes, out for the
+    channel count) and Tiled (upsample_mode) read of the network itself; wrappers nest."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.num_classes, self.out, self.upsample_mode = model.num_classes, model.out, model.upsample_mode
+
+
+class Ensemble(Wrapper):
     """SR networks of several training runs as one: model(x, t, **cond) is the mean of theirs."""
 
     def __init__(self, members: list[torch.nn.Module]):
-        super().__init__()
+        super().__init__(members[0])
         self.members = torch.nn.ModuleList(members)
-        self.num_classes, self.out = members[0].num_classes, members[0].out  # what sampling reads
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return torch.stack([m(x, t, **cond) for m in self.members]).mean(0)  # (B, C, H, W)
 
 
-class Guided(torch.nn.Module):
+class Guided(Wrapper):
     """A conditional SR network under classifier-free guidance of weight w."""
 
     def __init__(self, model: torch.nn.Module, w: float):
-        super().__init__()
-        self.inner, self.num_classes, self.out = model, model.num_classes, model.out
+        super().__init__(model)
+        self.inner = model
         self.guided = classifier_free(model, w, model.num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.guided(x, t, **cond)
 
 
-class Tiled(torch.nn.Module):
+class Tiled(Wrapper):
     """An SR network evaluated on tile x tile windows `stride` apart, averaged where they overlap."""
 
     def __init__(self, model: torch.nn.Module, tile: int, stride: int):
-        super().__init__()
+        super().__init__(model)
         self.inner, self.tile, self.stride = model, tile, stride
-        self.num_classes, self.out = model.num_classes, model.out
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor, **cond) -> torch.Tensor:
         size = x.shape[-1]
-        low_res = upsample_low_res(low_res, size, self.inner.upsample_mode)  # (B, C, H, W), as in training
+        low_res = upsample_low_res(low_res, size, self.upsample_mode)  # (B, C, H, W), as in training
         starts = range(0, size - self.tile + 1, self.stride)
         total, count = torch.zeros_like(x), torch.zeros_like(x[:1, :1])
         for i in starts:
@@ -111,7 +117,7 @@ def main() -> None:
     if args.tile and (args.tile > stages[1].cfg.image_size or (stages[1].cfg.image_size - args.tile) % args.stride):
         raise UserError(f"--tile {args.tile} --stride {args.stride}: the tiles must cover the "
                         f"{stages[1].cfg.image_size}x{stages[1].cfg.image_size} image exactly")
-    if args.sr_cfg_scale and not (stages[1].model.num_classes and cfg.stages[1].model.label_dropout > 0):
+    if args.sr_cfg_scale and (not stages[1].model.num_classes or 1 in cfg.without_null_label):
         raise UserError(f"--sr-cfg-scale: the SR stage of '{args.checkpoints[0]}' has no learned null label "
                         f"(class-conditional with stages.1.model.label_dropout > 0)")
     stages[1].model = Ensemble(members) if len(members) > 1 else members[0]
@@ -127,9 +133,7 @@ def main() -> None:
         start = time.perf_counter()
         samples = sample_cascade(stages, args.num_samples, torch.Generator().manual_seed(seed), batch_size=500,
                                  class_prior=cfg.data.class_prior, bf16=args.bf16)
-        images = samples.images.cpu()
-        rows.append({**score(spaces, images, samples.labels), "sample_s": time.perf_counter() - start,
-                     "consistency": metrics.consistency(images, samples.outputs[0].cpu()).mean().item()})
+        rows.append(cascade_row(spaces, samples, time.perf_counter() - start))
         print(f"seed {seed}: FD cnn32 {rows[-1]['fd_cnn32']:.4f}, resnet28 {rows[-1]['fd_resnet28']:.4f}", flush=True)
     result = {"checkpoints": args.checkpoints, "tile": args.tile, "stride": args.stride, "seeds": args.seeds,
               "sr_cfg_scale": args.sr_cfg_scale, "bf16": args.bf16,
