@@ -5,6 +5,7 @@
     python -m cdm.bench --preset anchor --compare-diffusers --precision fp32
     python -m cdm.bench --preset gpu --device cuda --json output/bench_gpu.json
     python -m cdm.bench --preset cpu --compile always     # torch.compile, compile time reported
+    python -m cdm.bench --preset gpu --device cuda --cuda-graphs never   # eager launches, no CUDA graph
     python -m cdm.bench --preset evaluation               # cdm.evaluate's scoring in both spaces
     python -m cdm.bench --preset cpu --set stages.0.model.channels=32   # any config key
 
@@ -34,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdm.augment import sr_cond
 from cdm.cascade import stage_name
 from cdm.config import Config, ModelConfig, StageConfig, load_config
+from cdm.cuda_graphs import GraphedLoss
 from cdm.diffusion import GaussianDiffusion
 from cdm.errors import ArgumentParser, UserError, run_cli
 from cdm.runtime import autocast, resolve_device, use_bf16
@@ -100,10 +102,13 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
 
 def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, channels: int,
                 batch: int, make_cond, device: torch.device, bf16: bool, steps: int,
-                sample_batch: int, sample_steps: int, compile_model: bool = False) -> dict:
+                sample_batch: int, sample_steps: int, compile_model: bool = False,
+                cuda_graph: bool = False) -> dict:
     """Train-step (at `size`, a patch size for the SR stage) and sampling-step (at `sample_size`)
     timings of one network taking (x, t, **cond). With `compile_model` the network runs under
-    torch.compile; the first training and sampling calls (which compile) are timed apart."""
+    torch.compile; the first training and sampling calls (which compile) are timed apart. With
+    `cuda_graph` (CUDA, no self-conditioning) the loss and backward replay as a CUDA graph, as
+    in training; the first call records it, within the warm-up."""
     model = model.to(device)
     eager = model
     diffusion = GaussianDiffusion(StageConfig().diffusion, device)
@@ -112,19 +117,30 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
     cond = make_cond(batch, size)
     calls = itertools.count()
     self_condition = getattr(eager, "self_condition", False)  # its extra pass: every other step
+    cuda_graph = cuda_graph and device.type == "cuda" and not compile_model and not self_condition
+    graph = None
+
+    def loss_fn(x0, t, noise, heads=False, **cond):
+        with autocast(device, bf16, cache=not cuda_graph):
+            return diffusion.training_loss(model, x0, t, cond, noise, heads)  # (B,)
 
     def train_step():
-        t = torch.randint(0, 1000, (batch,), device=device)
-        heads = self_condition and next(calls) % 2 == 0
-        with autocast(device, bf16):
-            loss = diffusion.training_loss(model, x0, t, cond, torch.randn_like(x0), heads).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        nonlocal graph
+        inputs = {"x0": x0, "t": torch.randint(0, 1000, (batch,), device=device), "noise": torch.randn_like(x0), **cond}
+        if cuda_graph:
+            graph = graph or GraphedLoss(loss_fn, model.parameters(), inputs)
+            graph(**inputs)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(**inputs, heads=self_condition and next(calls) % 2 == 0).mean().backward()
         opt.step()
 
+    passes = {False, self_condition}  # self-conditioning's extra forward pass: every other step
     with FlopCounterMode(display=False) as counter:
-        train_step()
-    flops_per_image = counter.get_total_flops() / batch
+        for heads in passes:
+            loss_fn(x0, torch.randint(0, 1000, (batch,), device=device), torch.randn_like(x0), heads,
+                    **cond).mean().backward()
+    flops_per_image = counter.get_total_flops() / batch / len(passes)
     compile_s = {}
     if compile_model:
         model = torch.compile(eager, dynamic=False)
@@ -144,6 +160,7 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
         compile_s["sample_compile_s"] = time_calls(denoise_step, device, warmup=0, repeats=1)
     step_s = time_calls(denoise_step, device, warmup=1, repeats=3)
     return {"stage": name, "params_M": sum(p.numel() for p in eager.parameters()) / 1e6, **compile_s,
+            "cuda_graph": cuda_graph,
             "batch": batch, "train_size": size, "sample_size": sample_size, "ms_per_step": 1000 * seconds,
             "images_per_s": batch / seconds, "gflops_per_image": flops_per_image / 1e9,
             "achieved_tflops": flops_per_image * batch / seconds / 1e12,
@@ -222,6 +239,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=25, help="N of the DDIM-N column")
     parser.add_argument("--compile", choices=["config", "never", "always"], default="config",
                         help="torch.compile the networks (config: the preset config's train.compile)")
+    parser.add_argument("--cuda-graphs", choices=["config", "never", "auto"], default="config",
+                        help="replay the loss and backward as a CUDA graph (config: train.cuda_graphs)")
     parser.add_argument("--compare-diffusers", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -240,6 +259,7 @@ def main() -> None:
     bf16 = use_bf16(precision, device)
     compile_mode = cfg.train.compile if args.compile == "config" else args.compile
     compile_model = compile_mode == "always" or (compile_mode == "auto" and device.type == "cuda")
+    cuda_graph = (cfg.train.cuda_graphs if args.cuda_graphs == "config" else args.cuda_graphs) == "auto"
     channels = cfg.data.channels
     rows = []
     for name, (stage, super_res) in stages.items():
@@ -251,13 +271,13 @@ def main() -> None:
 
         rows.append(bench_model(name, model, size, stage.image_size, channels, stage.optim.batch_size,
                                 make_cond, device, bf16, args.steps, args.sample_batch, args.sample_steps,
-                                compile_model))
+                                compile_model, cuda_graph))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if args.compare_diffusers:
         batch = next(iter(stages.values()))[0].optim.batch_size
         rows.append(bench_model("diffusers_UNet2DModel_anchor", diffusers_anchor(channels), 32, 32,
                                 channels, batch, lambda n, hw: {}, device, bf16, args.steps,
-                                args.sample_batch, args.sample_steps, compile_model))
+                                args.sample_batch, args.sample_steps, compile_model, cuda_graph))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
         ours = rows[0]["images_per_s"]
         print(f"cdm / diffusers training images/s: {ours / rows[-1]['images_per_s']:.2f}x")

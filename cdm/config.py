@@ -173,6 +173,8 @@ class TrainConfig:
     num_preview: int = 64  # samples in each preview grid
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     compile: str = "auto"  # torch.compile the UNets: auto (on CUDA only) | always | never
+    cuda_graphs: str = "auto"  # replay each stage's loss + backward as one CUDA graph: auto (on one
+    # CUDA device, uncompiled, no DDP, split_stages or self-conditioning) | never
     channels_last: bool = True  # NHWC memory format for the convolutions
     split_stages: bool = False  # each stage on its own GPU (len(stages) GPUs per process)
     stages: list[int] = field(default_factory=list)  # the stages this run trains, e.g. [1, 2]
@@ -241,6 +243,7 @@ class Config:
                t.precision)
         _check(t.compile in ("auto", "always", "never"), "train.compile", "auto, always or never",
                t.compile)
+        _check(t.cuda_graphs in ("auto", "never"), "train.cuda_graphs", "auto or never", t.cuda_graphs)
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", "auto, cpu, cuda or cuda:N", self.device)
         _check(bool(self.run_name) and "/" not in self.run_name, "run_name",

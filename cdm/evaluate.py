@@ -91,7 +91,10 @@ class FeatureSpace:
 
     @classmethod
     def build(cls, name: str, path: str | os.PathLike, reference: torch.Tensor) -> "FeatureSpace":
-        net = load_classifier(path)
+        return cls.from_network(name, load_classifier(path), reference)
+
+    @classmethod
+    def from_network(cls, name: str, net: torch.nn.Module, reference: torch.Tensor) -> "FeatureSpace":
         real = metrics.classifier_outputs(net, reference)[0]
         return cls(name, net, real, metrics.kth_neighbour_radius(real.float()))
 
@@ -403,6 +406,10 @@ def main() -> None:
     if args.no_guidance and (args.cfg_scale or args.guidance_scale or args.noisy_classifier):
         raise UserError("--no-guidance samples unguided: drop --cfg-scale, --guidance-scale and "
                         "--noisy-classifier, or drop --no-guidance")
+    if args.guidance_scale and not args.noisy_classifier:
+        raise UserError("--guidance-scale needs --noisy-classifier PATH")
+    device = resolve_device(args.device) if args.checkpoint else None
+    networks = [load_classifier(path) for path in args.classifier]  # a bad file: one line, before any bar
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,8 +418,8 @@ def main() -> None:
     names = [Path(p).stem.removeprefix("mnist_") for p in args.classifier]
     if len(set(names)) < len(names):
         raise UserError(f"--classifier: two evaluation networks share the name {names}; rename one file")
-    spaces = [FeatureSpace.build(name, path, test_images)
-              for name, path in tqdm(list(zip(names, args.classifier)), desc="feature spaces", leave=False)]
+    spaces = [FeatureSpace.from_network(name, net, test_images)
+              for name, net in tqdm(list(zip(names, networks)), desc="feature spaces", leave=False)]
     rows = [{"samples": Path(path).name, "spread": f"bootstrap {args.bootstrap}",
              **score(spaces, load_npz_images(path), load_npz_labels(path), args.bootstrap)}
             for path in tqdm(args.npz, desc="sample files", leave=False)]
@@ -421,9 +428,6 @@ def main() -> None:
     if 2 * args.split > len(train_images):
         raise UserError(f"--split {args.split}: needs twice that many training digits, there are {len(train_images)}")
     held_out = floor_order(len(train_images))[len(train_images) - 2 * args.split:]  # (2N,): other, then hr
-    device = resolve_device(args.device) if args.checkpoint else None
-    if args.guidance_scale and not args.noisy_classifier:
-        raise UserError("--guidance-scale needs --noisy-classifier PATH")
     noisy = ((*load_noisy_classifier(args.noisy_classifier, device), args.noisy_classifier)
              if args.noisy_classifier else None)
     for path in args.checkpoint:

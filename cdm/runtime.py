@@ -44,11 +44,12 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on `device` when asked, else a no-op context."""
+def autocast(device: torch.device, bf16: bool, cache: bool = True):
+    """bf16 autocast on `device` when asked, else a no-op context. cache=False recasts the weights
+    at each use instead of keeping the casts for the context's life (as CUDA graph capture wants)."""
     if not bf16:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 @functools.lru_cache(maxsize=1)

@@ -72,3 +72,4 @@ def assert_one_line_error(proc, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") <= 1  # at most a device note and the error line
+    assert "%|" not in proc.stderr  # bad input is refused before any progress bar starts

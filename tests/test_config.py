@@ -77,6 +77,7 @@ def test_old_two_stage_keys_are_refused_with_the_new_layout():
     (["train.stages=[0, 2]"], "'train.stages': expected [] (all) or consecutive, ascending stage indices from [0, 1]"),
     (["train.stages=[1, 0]"], "'train.stages': expected [] (all) or consecutive"),
     (["train.compile=off"], "'train.compile': expected str, got False"),
+    (["train.cuda_graphs=always"], "'train.cuda_graphs': expected auto or never"),
     (["device=tpu"], "'device': expected auto, cpu, cuda or cuda:N"),
     (["train.steps"], "expected key.path=value"),
 ])

@@ -1,9 +1,12 @@
-"""The CUDA paths on a real GPU: torch.compile, bf16 autocast, channels_last, fused AdamW's
-on-device skip, generators and resident data on the GPU, resume. Skipped where no GPU is
+"""The CUDA paths on a real GPU: torch.compile, CUDA graphs, bf16 autocast, channels_last, fused
+AdamW's on-device skip, generators and resident data on the GPU, resume. Skipped where no GPU is
 visible (CI); the CPU stand-in for the same settings is test_train's compile/bf16 test."""
+import json
+
 import pytest
 import torch
 
+import cdm.train as train_module
 from cdm.cascade import load_cascade, sample_cascade
 from cdm.train import train
 
@@ -28,24 +31,70 @@ def test_trains_compiled_in_bf16_on_the_gpu_and_samples_reproducibly(tmp_path):
     torch.testing.assert_close(draws[0].images, draws[1].images, rtol=0, atol=1e-4)  # same seed, same samples
 
 
-def test_a_non_finite_loss_skips_the_update_on_the_gpu(tmp_path, monkeypatch):
-    """Fused AdamW reads `found_inf` on the device: the nan step leaves the weights finite."""
-    nan_on_calls(monkeypatch, {2})  # the base stage's loss at step 1
-    path = train(tiny(tmp_path, "nan", "device=cuda", "train.precision=bf16", "train.sample_every=0"),
-                 progress=False)
+def graphed_stages(tmp_path, run):
+    return json.loads((tmp_path / run / "run_info.json").read_text())["cuda_graphs"]
+
+
+def assert_finite_and_one_skipped(path):
     ckpt = torch.load(path, weights_only=True, map_location="cpu")
     assert ckpt["metrics"]["skipped_steps"] == 1
     for entry in ckpt["stages"].values():
         assert all(torch.isfinite(v).all() for v in entry["model"].values())
 
 
-def test_resume_on_the_gpu_continues_the_same_run(tmp_path):
+def test_a_non_finite_loss_skips_the_update_on_the_gpu(tmp_path, monkeypatch):
+    """Fused AdamW reads `found_inf` on the device: the nan step leaves the weights finite."""
+    nan_on_calls(monkeypatch, {2})  # the base stage's loss at step 1 (eager: one call per step)
+    assert_finite_and_one_skipped(train(tiny(tmp_path, "nan", "device=cuda", "train.precision=bf16",
+                                             "train.sample_every=0", "train.cuda_graphs=never"), progress=False))
+
+
+def test_a_non_finite_loss_inside_the_cuda_graph_skips_the_update(tmp_path, monkeypatch):
+    """A nan noise draw at step 1 makes the replayed graph's loss and gradients nan; the eager
+    fused AdamW after it skips the update."""
+    draw = train_module.draw_t_and_noise
+    calls = iter(range(100))
+
+    def nan_noise_at_call_2(stage, x0, generator):  # calls: step 0 base, sr1; step 1 base, ...
+        t, noise = draw(stage, x0, generator)
+        return t, noise * float("nan") if next(calls) == 2 else noise
+
+    monkeypatch.setattr(train_module, "draw_t_and_noise", nan_noise_at_call_2)
+    path = train(tiny(tmp_path, "nan", "device=cuda", "train.precision=bf16", "train.sample_every=0"),
+                 progress=False)
+    assert graphed_stages(tmp_path, "nan") == ["base", "sr1"]
+    assert_finite_and_one_skipped(path)
+
+
+def test_cuda_graph_steps_equal_eager_steps(tmp_path):
+    """The same draws through the recorded graph and through eager launches: the first step's
+    losses agree to float rounding and the weights after 4 steps up to Adam's normalised steps."""
+    runs = {}
+    for mode in ("never", "auto"):
+        path = train(tiny(tmp_path, mode, "device=cuda", "train.log_every=1", "train.sample_every=0",
+                          f"train.cuda_graphs={mode}"), progress=False)
+        rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = rows, torch.load(path, weights_only=True, map_location="cpu")
+    assert graphed_stages(tmp_path, "never") == [] and graphed_stages(tmp_path, "auto") == ["base", "sr1"]
+    (eager_rows, eager), (graph_rows, graphed) = runs["never"], runs["auto"]
+    for name in ("base", "sr1"):
+        assert graph_rows[0][f"{name}_loss"] == pytest.approx(eager_rows[0][f"{name}_loss"], rel=1e-3)
+    for index, entry in eager["stages"].items():
+        for name, weight in entry["model"].items():
+            torch.testing.assert_close(weight, graphed["stages"][index]["model"][name], rtol=0, atol=1e-2,
+                                       msg=f"stage {index} {name}")
+
+
+@pytest.mark.parametrize("cuda_graphs", ["auto", "never"])
+def test_resume_on_the_gpu_continues_the_same_run(tmp_path, cuda_graphs):
     """The CUDA generators (training draws, dropout) restored exactly: their states after the
-    resumed run equal the straight run's. Weights agree up to the GPU's non-deterministic
-    reductions, which Adam's normalised steps can lift to about lr per step."""
+    resumed run equal the straight run's (a CUDA graph's recording gives back the dropout draws
+    it made). Weights agree up to the GPU's non-deterministic reductions, which Adam's normalised
+    steps can lift to about lr per step."""
     def cfg(run, steps):
         return tiny(tmp_path, run, "device=cuda", f"train.steps={steps}", "train.sample_every=0",
-                    "stages.0.model.dropout=0.1", "stages.1.optim.crop_size=16")
+                    "stages.0.model.dropout=0.1", "stages.1.optim.crop_size=16",
+                    f"train.cuda_graphs={cuda_graphs}")
 
     def load(path):
         return torch.load(path, weights_only=True, map_location="cpu")
