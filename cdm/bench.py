@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdm.augment import sr_cond
 from cdm.cascade import stage_name
 from cdm.config import Config, ModelConfig, StageConfig, load_config
-from cdm.cuda_graphs import GraphedLoss
+from cdm.cuda_graphs import GraphedLoss, use_cuda_graph
 from cdm.diffusion import GaussianDiffusion
 from cdm.errors import ArgumentParser, UserError, run_cli
 from cdm.runtime import autocast, resolve_device, use_bf16
@@ -103,12 +103,12 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
 def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, channels: int,
                 batch: int, make_cond, device: torch.device, bf16: bool, steps: int,
                 sample_batch: int, sample_steps: int, compile_model: bool = False,
-                cuda_graph: bool = False) -> dict:
+                cuda_graphs: str = "never") -> dict:
     """Train-step (at `size`, a patch size for the SR stage) and sampling-step (at `sample_size`)
     timings of one network taking (x, t, **cond). With `compile_model` the network runs under
     torch.compile; the first training and sampling calls (which compile) are timed apart. With
-    `cuda_graph` (CUDA, no self-conditioning) the loss and backward replay as a CUDA graph, as
-    in training; the first call records it, within the warm-up."""
+    cuda_graphs 'auto' the loss and backward replay as a CUDA graph where training would record
+    one (cdm.cuda_graphs.use_cuda_graph); the first call records it, within the warm-up."""
     model = model.to(device)
     eager = model
     diffusion = GaussianDiffusion(StageConfig().diffusion, device)
@@ -117,18 +117,17 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
     cond = make_cond(batch, size)
     calls = itertools.count()
     self_condition = getattr(eager, "self_condition", False)  # its extra pass: every other step
-    cuda_graph = cuda_graph and device.type == "cuda" and not compile_model and not self_condition
-    graph = None
+    cuda_graph = use_cuda_graph(cuda_graphs, device, compile_model, self_condition)
 
     def loss_fn(x0, t, noise, heads=False, **cond):
         with autocast(device, bf16, cache=not cuda_graph):
             return diffusion.training_loss(model, x0, t, cond, noise, heads)  # (B,)
 
+    graph = GraphedLoss(loss_fn, model.parameters()) if cuda_graph else None
+
     def train_step():
-        nonlocal graph
         inputs = {"x0": x0, "t": torch.randint(0, 1000, (batch,), device=device), "noise": torch.randn_like(x0), **cond}
-        if cuda_graph:
-            graph = graph or GraphedLoss(loss_fn, model.parameters(), inputs)
+        if graph is not None:
             graph(**inputs)
         else:
             opt.zero_grad(set_to_none=True)
@@ -259,7 +258,7 @@ def main() -> None:
     bf16 = use_bf16(precision, device)
     compile_mode = cfg.train.compile if args.compile == "config" else args.compile
     compile_model = compile_mode == "always" or (compile_mode == "auto" and device.type == "cuda")
-    cuda_graph = (cfg.train.cuda_graphs if args.cuda_graphs == "config" else args.cuda_graphs) == "auto"
+    cuda_graphs = cfg.train.cuda_graphs if args.cuda_graphs == "config" else args.cuda_graphs
     channels = cfg.data.channels
     rows = []
     for name, (stage, super_res) in stages.items():
@@ -271,13 +270,13 @@ def main() -> None:
 
         rows.append(bench_model(name, model, size, stage.image_size, channels, stage.optim.batch_size,
                                 make_cond, device, bf16, args.steps, args.sample_batch, args.sample_steps,
-                                compile_model, cuda_graph))
+                                compile_model, cuda_graphs))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if args.compare_diffusers:
         batch = next(iter(stages.values()))[0].optim.batch_size
         rows.append(bench_model("diffusers_UNet2DModel_anchor", diffusers_anchor(channels), 32, 32,
                                 channels, batch, lambda n, hw: {}, device, bf16, args.steps,
-                                args.sample_batch, args.sample_steps, compile_model, cuda_graph))
+                                args.sample_batch, args.sample_steps, compile_model, cuda_graphs))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
         ours = rows[0]["images_per_s"]
         print(f"cdm / diffusers training images/s: {ours / rows[-1]['images_per_s']:.2f}x")

@@ -409,27 +409,28 @@ def main() -> None:
     if args.guidance_scale and not args.noisy_classifier:
         raise UserError("--guidance-scale needs --noisy-classifier PATH")
     device = resolve_device(args.device) if args.checkpoint else None
-    networks = [load_classifier(path) for path in args.classifier]  # a bad file: one line, before any bar
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    root = os.environ.get(DATA_ROOT_ENV, "data")
-    test_images, test_labels = load_mnist(root, True, 32, 1, train=False)
     names = [Path(p).stem.removeprefix("mnist_") for p in args.classifier]
     if len(set(names)) < len(names):
         raise UserError(f"--classifier: two evaluation networks share the name {names}; rename one file")
-    spaces = [FeatureSpace.from_network(name, net, test_images)
-              for name, net in tqdm(list(zip(names, networks)), desc="feature spaces", leave=False)]
-    rows = [{"samples": Path(path).name, "spread": f"bootstrap {args.bootstrap}",
-             **score(spaces, load_npz_images(path), load_npz_labels(path), args.bootstrap)}
-            for path in tqdm(args.npz, desc="sample files", leave=False)]
-    sr_rows, split_rows = [], []
+    # files and data before any progress bar, so that a bad one is a single line
+    networks = [load_classifier(path) for path in args.classifier]
+    sample_files = [(Path(path).name, load_npz_images(path), load_npz_labels(path)) for path in args.npz]
+    noisy = ((*load_noisy_classifier(args.noisy_classifier, device), args.noisy_classifier)
+             if args.noisy_classifier else None)
+    root = os.environ.get(DATA_ROOT_ENV, "data")
+    test_images, test_labels = load_mnist(root, True, 32, 1, train=False)
     train_images, train_labels = load_mnist(root, True, 32, 1)
     if 2 * args.split > len(train_images):
         raise UserError(f"--split {args.split}: needs twice that many training digits, there are {len(train_images)}")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spaces = [FeatureSpace.from_network(name, net, test_images)
+              for name, net in tqdm(list(zip(names, networks)), desc="feature spaces", leave=False)]
+    rows = [{"samples": name, "spread": f"bootstrap {args.bootstrap}", **score(spaces, images, labels, args.bootstrap)}
+            for name, images, labels in tqdm(sample_files, desc="sample files", leave=False)]
+    sr_rows, split_rows = [], []
     held_out = floor_order(len(train_images))[len(train_images) - 2 * args.split:]  # (2N,): other, then hr
-    noisy = ((*load_noisy_classifier(args.noisy_classifier, device), args.noisy_classifier)
-             if args.noisy_classifier else None)
     for path in args.checkpoint:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)

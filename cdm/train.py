@@ -34,7 +34,7 @@ from cdm.cascade import Stage, build_stage, sample_cascade, stage_name
 from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, SNAPSHOT_DIR, checkpoint_config, load_checkpoint,
                             load_state, save_checkpoint, stage_weights)
 from cdm.config import Config, StageConfig
-from cdm.cuda_graphs import GraphedLoss
+from cdm.cuda_graphs import GraphedLoss, use_cuda_graph
 from cdm.data import downsample
 from cdm.datasets import load_data
 from cdm.distributed import DistInfo, any_rank, gather, setup, teardown
@@ -63,8 +63,7 @@ class TrainStage:
     diffusion: GaussianDiffusion
     low_res_diffusion: GaussianDiffusion | None = None  # SR stages: the previous stage's schedule
     power_emas: list[PowerEMA] = field(default_factory=list)  # optim.posthoc_ema_std, for post-hoc EMAs
-    cuda_graph: bool = False  # loss + backward replayed as a CUDA graph (train.cuda_graphs)
-    graph: GraphedLoss | None = None  # recorded at the first step
+    graph: GraphedLoss | None = None  # set: loss + backward replayed as a CUDA graph (train.cuda_graphs)
 
     def for_sampling(self) -> Stage:
         """The stage with its EMA weights, as the sampler takes it."""
@@ -83,10 +82,9 @@ def learning_rate(step: int, cfg: StageConfig, total_steps: int) -> float:
 
 
 def make_stage(cfg: Config, index: int | None, device: torch.device, compile_model: bool,
-               channels_last: bool, data_parallel: bool = False, cuda_graph: bool = False) -> TrainStage:
-    """A trainable part: cascade stage `index`, or (None) the noisy classifier, which learns on
-    the base stage's forward process. cuda_graph: a cascade stage without self-conditioning
-    replays its loss and backward as a CUDA graph."""
+               channels_last: bool, data_parallel: bool = False, bf16: bool = False) -> TrainStage:
+    """A trainable part: cascade stage `index`, or (None) the noisy classifier (always eager),
+    which learns on the base stage's forward process."""
     low_res = None
     if index is None:
         name, stage_cfg = CLASSIFIER, classifier_stage_config(cfg)
@@ -107,9 +105,15 @@ def make_stage(cfg: Config, index: int | None, device: torch.device, compile_mod
         forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if compile_model:  # static shapes: each stage (same UNet class, other sizes) gets its own graph
         forward = torch.compile(forward, dynamic=False)
-    cuda_graph = cuda_graph and index is not None and not stage_cfg.model.self_condition
+    graph = None
+    if index is not None and use_cuda_graph(cfg.train.cuda_graphs, device, compile_model, stage_cfg.model.self_condition,
+                                            data_parallel, cfg.train.split_stages):
+        def loss_fn(x0, t, noise, **cond):
+            with autocast(device, bf16, cache=False):
+                return diffusion.training_loss(forward, x0, t, cond, noise)  # (B,)
+        graph = GraphedLoss(loss_fn, model.parameters())
     return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, cfg.train.steps, diffusion, low_res,
-                      power_emas, cuda_graph)
+                      power_emas, graph)
 
 
 class StepStats(NamedTuple):
@@ -136,26 +140,14 @@ def train_step(stage: TrainStage, x0: torch.Tensor, cond: dict, step: int, bf16:
                generator: torch.Generator) -> StepStats:
     """One optimizer step of a diffusion stage on clean images x0 (B, C, H, W)."""
     t, noise = draw_t_and_noise(stage, x0, generator)
-    if stage.cuda_graph:
-        losses = replay_loss(stage, x0, t, cond, noise, bf16)
+    if stage.graph is not None:  # the recorded loss and backward (cdm/cuda_graphs.py)
+        losses = stage.graph(x0=x0, t=t, noise=noise, **cond)  # (B,)
     else:
         self_condition = stage.cfg.model.self_condition and self_condition_coin(step)
         with autocast(x0.device, bf16):
             losses = stage.diffusion.training_loss(stage.forward, x0, t, cond, noise, self_condition)  # (B,)
         backward(stage, losses)
     return optimizer_step(stage, losses, t, step)
-
-
-def replay_loss(stage: TrainStage, x0: torch.Tensor, t: torch.Tensor, cond: dict, noise: torch.Tensor,
-                bf16: bool) -> torch.Tensor:
-    """The stage's losses (B,) and gradients from its CUDA graph, recorded at the first call."""
-    inputs = {"x0": x0, "t": t, "noise": noise, **cond}
-    if stage.graph is None:
-        def loss_fn(x0, t, noise, **cond):
-            with autocast(x0.device, bf16, cache=False):
-                return stage.diffusion.training_loss(stage.forward, x0, t, cond, noise)
-        stage.graph = GraphedLoss(loss_fn, stage.model.parameters(), inputs)
-    return stage.graph(**inputs)
 
 
 def classifier_step(stage: TrainStage, x0: torch.Tensor, y: torch.Tensor, step: int, bf16: bool,
@@ -479,8 +471,6 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     generator = torch.Generator(device).manual_seed(cfg.seed + info.rank)  # data order, t, noise, aug
     bf16 = use_bf16(cfg.train.precision, device)
     compile_model = cfg.train.compile == "always" or (cfg.train.compile == "auto" and device.type == "cuda")
-    cuda_graphs = (cfg.train.cuda_graphs == "auto" and device.type == "cuda" and not compile_model
-                   and not info.enabled and not cfg.train.split_stages)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -497,7 +487,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     stages = {}
     for index in parts:  # the classifier sits with the base
         stage = make_stage(cfg, index, devices[index or 0], compile_model, cfg.train.channels_last, info.enabled,
-                           cuda_graphs)
+                           bf16)
         stages[stage.name] = stage
     previewed = [s for s in stages.values() if s.index is not None]
     real = None  # an SR stage trained apart previews on real inputs: (images, labels)
@@ -507,7 +497,7 @@ def _train(cfg: Config, resume, progress: bool, info: DistInfo, device: torch.de
     if resume is not None:
         step, metrics = restore(resume, cfg, stages, generator, info)
     if info.is_main:
-        write_run_info(cfg, device, [s.name for s in stages.values() if s.cuda_graph])
+        write_run_info(cfg, device, [s.name for s in stages.values() if s.graph is not None])
     ckpt_path = cfg.run_dir / "checkpoint.pt"
     meters = {name: StageMeter(stage.diffusion.num_timesteps, device) for name, stage in stages.items()}
     batch = max(stage.cfg.optim.batch_size for stage in stages.values())
