@@ -3,6 +3,7 @@
 reads the same exit status and stderr)."""
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -123,10 +124,30 @@ def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, s
     assert all(torch.equal(kept[k], after[1 - stage]["ema"][k]) for k in kept)
     assert any(not torch.equal(tuned[k], after[stage]["ema"][k]) for k in tuned)
     # bad arguments: exit code 2 and the message (in this process: no second interpreter start-up)
-    bad, message = ((["--steps", "1"], "--steps (1) must exceed --warmup (100)") if stage else
-                    (["--stage", "0"], "--stage 0 fine-tunes the base on true digits: give --redraw 0"))
+    bad, message = ((["--crop-size", "40"], "--crop-size is the SR stage's patch, 1 to 32 with --stage 1, got 40")
+                    if stage else (["--stage", "0"], "--stage 0 fine-tunes the base on true digits: give --redraw 0"))
     proc = run_in_process("docs/experiments/redraw_finetune.py", str(src), str(out), *bad, expect=2, capsys=capsys)
     assert message in proc.stderr
+
+
+def test_the_fine_tuning_experiment_trains_on_whole_images_when_asked(tmp_path, monkeypatch):
+    """docs/results.md 9.31: --crop-size 32 --batch-size 4 trains the SR stage on whole 32x32
+    images, 4 a step, and changes its weights."""
+    src, out = ROOT / "output/pretrained/cdm_mnist_cpu_2h_redraw.pt", tmp_path / "ft.pt"
+    module, targets = _experiment("redraw_finetune"), []
+    random_crop = module.random_crop
+
+    def crop(tensors, size, generator):  # records each training target's shape
+        cropped = random_crop(tensors, size, generator)
+        targets.append(cropped[0].shape)
+        return cropped
+    monkeypatch.setattr(module, "random_crop", crop)
+    monkeypatch.setattr(sys, "argv", ["redraw_finetune.py", str(src), str(out), "--redraw", "0",
+                                      "--crop-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1"])
+    module.main()
+    assert targets == [torch.Size([4, 1, 32, 32])] * 2
+    before, after = (torch.load(p, weights_only=True)["stages"][1]["ema"] for p in (src, out))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_the_sr_experiment_averages_members_covers_with_tiles_and_guides(capsys):

@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, help="default: the stage's optim.batch_size")
+    parser.add_argument("--crop-size", type=int, help="SR patch size; default: the stage's optim.crop_size "
+                        "(9.31: its image_size, whole images, as it samples)")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
@@ -73,17 +76,23 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     cfg, (base, sr), _ = load_cascade(args.checkpoint, "cpu")
     stage = (base, sr)[args.stage]
-    schedule = dataclasses.replace(stage.cfg, optim=dataclasses.replace(  # warm-up, then cosine to zero
-        stage.cfg.optim, lr=args.lr, warmup_steps=args.warmup, lr_decay="cosine"))
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.crop_size is not None and not (args.stage == 1 and 1 <= args.crop_size <= sr.cfg.image_size):
+        parser.error(f"--crop-size is the SR stage's patch, 1 to {sr.cfg.image_size} with --stage 1, got {args.crop_size}")
+    optim = dataclasses.replace(stage.cfg.optim, lr=args.lr, warmup_steps=args.warmup, lr_decay="cosine",
+                                batch_size=args.batch_size or stage.cfg.optim.batch_size,
+                                crop_size=args.crop_size or stage.cfg.optim.crop_size)
+    schedule = dataclasses.replace(stage.cfg, optim=optim)  # warm-up, then cosine to zero
     model = stage.model.train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=stage.cfg.optim.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=optim.weight_decay, fused=True)
     data = load_data(cfg.data.dataset, cfg.data_root, cfg.data.download, sr.cfg.image_size, cfg.data.channels)
     aug, start = sr.cfg.augment, time.time()
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, schedule, args.steps)
-        hr, y = data.batch(stage.cfg.optim.batch_size, generator)  # (B, C, 32, 32), (B,)
+        hr, y = data.batch(optim.batch_size, generator)  # (B, C, 32, 32), (B,)
         low_res = downsample(hr, base.cfg.image_size)  # (B, C, 8, 8)
         if args.stage == 0:  # the base learns the 8x8 digits themselves
             target, cond = low_res, {"y": stage_labels(y, base.cfg, generator)}
@@ -94,13 +103,13 @@ def main() -> None:
                     low_res[chosen] = redraw(base, low_res[chosen], y[chosen], states, generator)
             z = blur_low_res(low_res, aug.blur_prob, aug.blur_sigma, generator)
             z = upsample_low_res(z, sr.cfg.image_size, sr.cfg.model.upsample_mode)  # (B, C, 32, 32)
-            target, z = random_crop([hr, z], sr.cfg.optim.crop_size, generator)
+            target, z = random_crop([hr, z], optim.crop_size, generator)
             cond = sr_cond(z, torch.zeros(len(y), dtype=torch.long), stage_labels(y, sr.cfg, generator))
         t = stage.diffusion.training_timesteps(len(y), generator)
         loss = stage.diffusion.training_loss(model, target, t, cond, gaussian_noise(target, generator)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         optimizer.step()
         ema_update(ema, model, 0.999)
         if step % 100 == 0 or step == args.steps - 1:
