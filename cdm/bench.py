@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdm.augment import sr_cond
 from cdm.cascade import stage_name
 from cdm.config import Config, ModelConfig, StageConfig, load_config
-from cdm.cuda_graphs import GraphedLoss, use_cuda_graph
+from cdm.cuda_graphs import graphed_training_loss, use_cuda_graph
 from cdm.diffusion import GaussianDiffusion
 from cdm.errors import ArgumentParser, UserError, run_cli
 from cdm.runtime import autocast, resolve_device, use_bf16
@@ -120,10 +120,10 @@ def bench_model(name: str, model: torch.nn.Module, size: int, sample_size: int, 
     cuda_graph = use_cuda_graph(cuda_graphs, device, compile_model, self_condition)
 
     def loss_fn(x0, t, noise, heads=False, **cond):
-        with autocast(device, bf16, cache=not cuda_graph):
+        with autocast(device, bf16):
             return diffusion.training_loss(model, x0, t, cond, noise, heads)  # (B,)
 
-    graph = GraphedLoss(loss_fn, model.parameters()) if cuda_graph else None
+    graph = graphed_training_loss(diffusion, model, device, bf16) if cuda_graph else None
 
     def train_step():
         inputs = {"x0": x0, "t": torch.randint(0, 1000, (batch,), device=device), "noise": torch.randn_like(x0), **cond}

@@ -17,6 +17,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from cdm.diffusion import GaussianDiffusion
+from cdm.runtime import autocast
+
 WARMUP_ITERS = 3  # eager passes on a side stream before recording: cuDNN picks its kernels
 
 
@@ -66,3 +69,13 @@ class GraphedLoss:
             self.inputs[name].copy_(value)
         self.graph.replay()
         return self.losses
+
+
+def graphed_training_loss(diffusion: GaussianDiffusion, network: torch.nn.Module, device: torch.device, bf16: bool) -> GraphedLoss:
+    """A stage's diffusion training loss (without self-conditioning, which use_cuda_graph rules
+    out) under autocast, as a GraphedLoss. Autocast's weight-cast cache is off, as PyTorch's CUDA
+    graph notes ask of autocast inside a captured region."""
+    def loss_fn(x0, t, noise, **cond):
+        with autocast(device, bf16, cache=False):
+            return diffusion.training_loss(network, x0, t, cond, noise)  # (B,)
+    return GraphedLoss(loss_fn, network.parameters())

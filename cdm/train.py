@@ -34,7 +34,7 @@ from cdm.cascade import Stage, build_stage, sample_cascade, stage_name
 from cdm.checkpoint import (CLASSIFIER, FORMAT_VERSION, SNAPSHOT_DIR, checkpoint_config, load_checkpoint,
                             load_state, save_checkpoint, stage_weights)
 from cdm.config import Config, StageConfig
-from cdm.cuda_graphs import GraphedLoss, use_cuda_graph
+from cdm.cuda_graphs import GraphedLoss, graphed_training_loss, use_cuda_graph
 from cdm.data import downsample
 from cdm.datasets import load_data
 from cdm.distributed import DistInfo, any_rank, gather, setup, teardown
@@ -108,10 +108,7 @@ def make_stage(cfg: Config, index: int | None, device: torch.device, compile_mod
     graph = None
     if index is not None and use_cuda_graph(cfg.train.cuda_graphs, device, compile_model, stage_cfg.model.self_condition,
                                             data_parallel, cfg.train.split_stages):
-        def loss_fn(x0, t, noise, **cond):
-            with autocast(device, bf16, cache=False):
-                return diffusion.training_loss(forward, x0, t, cond, noise)  # (B,)
-        graph = GraphedLoss(loss_fn, model.parameters())
+        graph = graphed_training_loss(diffusion, forward, device, bf16)
     return TrainStage(name, index, stage_cfg, model, forward, ema, optimizer, cfg.train.steps, diffusion, low_res,
                       power_emas, graph)
 
