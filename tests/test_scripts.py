@@ -124,10 +124,13 @@ def test_the_fine_tuning_experiment_changes_only_the_stage_asked_for(tmp_path, s
     assert all(torch.equal(kept[k], after[1 - stage]["ema"][k]) for k in kept)
     assert any(not torch.equal(tuned[k], after[stage]["ema"][k]) for k in tuned)
     # bad arguments: exit code 2 and the message (in this process: no second interpreter start-up)
-    bad, message = ((["--crop-size", "40"], "--crop-size is the SR stage's patch, 1 to 32 with --stage 1, got 40")
-                    if stage else (["--stage", "0"], "--stage 0 fine-tunes the base on true digits: give --redraw 0"))
-    proc = run_in_process("docs/experiments/redraw_finetune.py", str(src), str(out), *bad, expect=2, capsys=capsys)
-    assert message in proc.stderr
+    bad_args = ([(["--steps", "1"], "--steps (1) must exceed --warmup (100)"),
+                 (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                 (["--crop-size", "40"], "--crop-size is the SR stage's patch, 1 to 32 with --stage 1, got 40")]
+                if stage else [(["--stage", "0"], "--stage 0 fine-tunes the base on true digits: give --redraw 0")])
+    for bad, message in bad_args:
+        proc = run_in_process("docs/experiments/redraw_finetune.py", str(src), str(out), *bad, expect=2, capsys=capsys)
+        assert message in proc.stderr
 
 
 def test_the_fine_tuning_experiment_trains_on_whole_images_when_asked(tmp_path, monkeypatch):

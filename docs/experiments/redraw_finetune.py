@@ -70,14 +70,14 @@ def main() -> None:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     if args.stage == 0 and args.redraw:
         parser.error("--stage 0 fine-tunes the base on true digits: give --redraw 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     states = [int(s) for s in args.states.split(",")]
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     cfg, (base, sr), _ = load_cascade(args.checkpoint, "cpu")
     stage = (base, sr)[args.stage]
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.crop_size is not None and not (args.stage == 1 and 1 <= args.crop_size <= sr.cfg.image_size):
         parser.error(f"--crop-size is the SR stage's patch, 1 to {sr.cfg.image_size} with --stage 1, got {args.crop_size}")
     optim = dataclasses.replace(stage.cfg.optim, lr=args.lr, warmup_steps=args.warmup, lr_decay="cosine",
