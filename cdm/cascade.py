@@ -61,14 +61,15 @@ def build_stage(cfg: Config, index: int, device: torch.device | str
     return model.to(device), GaussianDiffusion(stage.diffusion, device), low_res
 
 
-def load_cascade(path: str | os.PathLike, device: torch.device | str, use_ema: bool = True
-                 ) -> tuple[Config, list[Stage], dict]:
-    """Rebuild every stage from a checkpoint alone; EMA weights unless use_ema=False."""
-    ckpt = load_checkpoint(path, device)
+def load_cascade(path: str | os.PathLike, device: torch.device | str, use_ema: bool = True,
+                 indices: list[int] | None = None) -> tuple[Config, list[Stage], dict]:
+    """Rebuild the stages `indices` (default: every stage) from a checkpoint alone; EMA weights
+    unless use_ema=False. A file trained with --stages 0 gives its base with indices=[0]."""
+    ckpt = load_checkpoint(path, device, stages=indices)
     cfg = checkpoint_config(ckpt, path)
     stages = []
     key = "ema" if use_ema else "model"
-    for index in range(len(cfg.stages)):
+    for index in range(len(cfg.stages)) if indices is None else indices:
         model, diffusion, low_res = build_stage(cfg, index, device)
         load_state(model, stage_weights(ckpt, index, key, path), path, f"stage {index} {key} weights")
         stages.append(Stage(index, cfg.stages[index], model.eval().requires_grad_(False), diffusion, low_res))
@@ -201,7 +202,7 @@ def _sample_batch(stages: list[Stage], n: int, y: torch.Tensor | None, low_res: 
     x, z_handoff = low_res, None  # the previous stage's clean output; a truncated chain's state
     for k, stage in enumerate(stages):
         device = next(stage.model.parameters()).device  # stages may sit on different GPUs
-        channels = stage.model.out[-1].out_channels
+        channels = stage.model.channels
         cond = {"y": y.to(device)} if stage.model.num_classes else {}
         if stage.index > 0:
             levels = torch.full((n,), stage.cfg.augment.aug_level, device=x.device, dtype=torch.long)

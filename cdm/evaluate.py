@@ -256,7 +256,8 @@ def stage_split(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, oth
     base: the FD, in each network's features of bicubic-upsampled images, between N base samples
     (asked for the same digits) and the digits' true base-size versions; its floor is the same FD
     for `other`, N more real digits. SR: the SR stages given the true base-size digits, scored
-    against the test digits like samples, beside the N real digits themselves."""
+    against the test digits like samples, beside the N real digits themselves. A base alone
+    (stages of one) gets the base rows only."""
     device = next(stages[0].model.parameters()).device
     size = stages[0].cfg.image_size
 
@@ -277,14 +278,16 @@ def stage_split(stages: list[Stage], hr: torch.Tensor, labels: torch.Tensor, oth
     for seed in tqdm(seeds, desc="stages apart", leave=False):
         generator = torch.Generator(device).manual_seed(seed)
         base = sample_cascade(stages[:1], len(hr), generator, batch_size, labels=y, bf16=bf16).images
-        sr = sample_cascade(sr_stages, len(hr), generator, batch_size, labels=labels.to(device), bf16=bf16,
-                            low_res=low_res.to(device)).images
         base_rows.append(base_fd(base))
-        sr_rows.append(score(spaces, sr.cpu(), labels))
-    return [{"part": f"real {size}x{size} digits (another set)", **base_fd(downsample(other.cpu(), size))},
-            {"part": f"base samples at {size}x{size}", **mean_std(base_rows)},
-            {"part": "real digits", **score(spaces, hr.cpu(), labels)},
-            {"part": f"SR stages on the true {size}x{size} digits", **mean_std(sr_rows)}]
+        if sr_stages:
+            sr = sample_cascade(sr_stages, len(hr), generator, batch_size, labels=labels.to(device), bf16=bf16,
+                                low_res=low_res.to(device)).images
+            sr_rows.append(score(spaces, sr.cpu(), labels))
+    rows = [{"part": f"real {size}x{size} digits (another set)", **base_fd(downsample(other.cpu(), size))},
+            {"part": f"base samples at {size}x{size}", **mean_std(base_rows)}]
+    return rows + ([{"part": "real digits", **score(spaces, hr.cpu(), labels)},
+                    {"part": f"SR stages on the true {size}x{size} digits", **mean_std(sr_rows)}]
+                   if sr_stages else [])
 
 
 def choice_list(flag: str, text: str | None, choices: tuple[str, ...]) -> list[str | None]:

@@ -11,6 +11,9 @@ label reserved for classifier-free guidance. Every scalar conditioning signal (t
 residual blocks through one place: the embedding `emb` that scale-shifts their second GroupNorm.
 With `self_condition` the network also takes its own previous estimate of x0 as extra input
 channels, concatenated like the low-res image (self-conditioning, Chen et al. 2022 section 3).
+With `patch_size` p > 1 the network sees each p x p patch as one position with p*p times the
+channels (pixel_unshuffle after the concatenations, pixel_shuffle after the output conv), so its
+levels and attention resolutions count in patches (Hoogeboom et al. 2023, "simple diffusion").
 """
 from __future__ import annotations
 
@@ -141,10 +144,12 @@ class Encoder(nn.Module):
         super().__init__()
         ch = self.base_channels = cfg.channels
         self.emb_dim = 4 * ch
+        self.patch_size = cfg.patch_size
         self.time_embed = self.embed_mlp()
-        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.input_conv = nn.Conv2d(in_channels * cfg.patch_size ** 2, ch, 3, padding=1)
         self.down = nn.ModuleList()
-        self.skip_widths, width, size = [ch], ch, image_size  # widths the decoder's skips will have
+        # widths the decoder's skips will have; sizes count patches
+        self.skip_widths, width, size = [ch], ch, image_size // cfg.patch_size
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [res_block(cfg, width, ch * mult)]
@@ -171,7 +176,7 @@ class Encoder(nn.Module):
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, C_in, H, W) -> the middle block's output and the skips, shallowest first."""
-        h = self.input_conv(x)
+        h = self.input_conv(F.pixel_unshuffle(x, self.patch_size))  # (B, ch, H / p, W / p)
         skips = [h]
         for block in self.down:
             h = block(h, emb)
@@ -184,7 +189,7 @@ class UNet(Encoder):
                  low_res_channels: int = 0, aug_embed: bool = False):
         self_cond_channels = channels if cfg.self_condition else 0
         super().__init__(cfg, image_size, channels + self_cond_channels + low_res_channels)
-        self.image_size = image_size
+        self.image_size, self.channels = image_size, channels  # what it generates: (C, size, size)
         self.low_res_channels = low_res_channels
         self.self_condition = cfg.self_condition
         self.num_classes = cfg.num_classes
@@ -207,7 +212,7 @@ class UNet(Encoder):
                 self.up.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, width), nn.SiLU(),
-                                 zero_module(nn.Conv2d(width, channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(width, channels * cfg.patch_size ** 2, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, low_res: torch.Tensor | None = None,
                 aug_level: torch.Tensor | None = None, y: torch.Tensor | None = None,
@@ -232,8 +237,8 @@ class UNet(Encoder):
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)  # (B, C [+ C] + C_lr, H, W)
         h, skips = self.encode(x, emb)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H, W)
-        return self.out(h)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H / p, W / p)
+        return F.pixel_shuffle(self.out(h), self.patch_size)  # (B, C, H, W)
 
 
 def build_unet(cfg: ModelConfig, image_size: int, channels: int, super_res: bool) -> UNet:

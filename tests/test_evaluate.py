@@ -136,7 +136,8 @@ def test_spread_over_seeds_and_bootstrap(spaces, train_digits):
 
 def test_stages_apart_tell_an_untrained_stage_from_real_digits(spaces, train_digits, tiny_cfg):
     """--split: an untrained base is far from the true 8x8 digits, the floor beside it (another
-    set of real 8x8 digits) is near them; the real-digit row is the digits scored like samples."""
+    set of real 8x8 digits) is near them; the real-digit row is the digits scored like samples.
+    A base given alone gets the same two base rows."""
     stages = []
     for index, stage_cfg in enumerate(tiny_cfg.stages):
         torch.manual_seed(index)
@@ -152,3 +153,6 @@ def test_stages_apart_tell_an_untrained_stage_from_real_digits(spaces, train_dig
         fd = f"fd_{space.name}"
         assert base[fd] > 5 * other[fd]
         assert sr[fd] > real[fd]
+    alone = stage_split(stages[:1], images[:200], labels[:200], images[200:400], spaces, seeds=[0],
+                        bf16=False, batch_size=100)
+    assert alone == [other, base]  # a base alone (docs/experiments/base_apart.py): its rows, no SR

@@ -33,9 +33,10 @@ def tiny3(tmp_path, run, *overrides):
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    """A tiny 3-stage cascade trained for 4 steps, with previews."""
+    """A tiny 3-stage cascade trained for 4 steps, with previews; its middle stage works on 2x2
+    patches (model.patch_size), so every use of it also runs a patched stage."""
     tmp = tmp_path_factory.mktemp("three")
-    return train(tiny3(tmp, "three", "train.sample_every=4"), progress=False)
+    return train(tiny3(tmp, "three", "train.sample_every=4", "stages.1.model.patch_size=2"), progress=False)
 
 
 def test_three_stages_train_preview_and_sample_in_both_modes(three):
@@ -45,6 +46,7 @@ def test_three_stages_train_preview_and_sample_in_both_modes(three):
     cfg, stages, ckpt = load_cascade(three, "cpu")
     assert sorted(ckpt["stages"]) == [0, 1, 2] and [s.name for s in stages] == ["base", "sr1", "sr2"]
     assert stages[2].low_res_diffusion is not None and stages[1].cfg.image_size == 16
+    assert stages[1].model.input_conv.in_channels == 8  # (x_t, low-res) in 2x2 patches
     for mode in ("truncated", "non_truncated"):
         chain = [with_augment(s, aug_level=30, aug_mode=mode) for s in stages]
         out = sample_cascade(chain, 3, torch.Generator().manual_seed(0))

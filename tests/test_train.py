@@ -11,11 +11,13 @@ from cdm.train import StageMeter, StepStats, learning_rate, make_stage, train, t
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("self_condition, noise_distribution, stratified",
-                         [(False, "uniform", False), (True, "lognormal", True)])  # the options, together
-def test_tiny_stage_overfits_one_batch(tiny_cfg, self_condition, noise_distribution, stratified):
+@pytest.mark.parametrize("self_condition, noise_distribution, stratified, patch_size",
+                         [(False, "uniform", False, 1), (True, "lognormal", True, 1),  # the options, together
+                          (False, "uniform", False, 2)])
+def test_tiny_stage_overfits_one_batch(tiny_cfg, self_condition, noise_distribution, stratified, patch_size):
     torch.manual_seed(0)
     tiny_cfg.base.optim.lr = 2e-3
+    tiny_cfg.base.model.patch_size = patch_size  # 2: the 8x8 image as 4x4 positions of 2x2 patches
     tiny_cfg.base.model.self_condition = self_condition  # judged on its first pass (no estimate yet)
     tiny_cfg.base.diffusion.noise_distribution = noise_distribution  # EDM's draws, through train_step
     tiny_cfg.base.diffusion.stratified = stratified

@@ -36,6 +36,24 @@ def test_sr_accepts_patches_with_resized_conditioning():
     assert out.shape == (2, 1, 16, 16)
 
 
+def test_patches_fold_into_channels_and_back():
+    """patch_size 2: a 16x16 stage runs its levels at 8x8 and 4x4 (where SMALL's attention sits)
+    with 4x the input and output channels, and still maps (B, C, 16, 16) to (B, C, 16, 16); an SR
+    stage folds its low-res input with x_t, on whole images and on patches."""
+    cfg = ModelConfig(**{**SMALL.__dict__, "patch_size": 2})
+    base = randomise(build_unet(cfg, 16, 3, super_res=False))
+    assert base.input_conv.in_channels == 12 and base.out[-1].out_channels == 12
+    assert any(isinstance(m, AttentionBlock) for m in base.down.modules())  # at 4x4 positions
+    out = base(torch.randn(2, 3, 16, 16), torch.tensor([0, 999]))
+    assert out.shape == (2, 3, 16, 16) and out.abs().sum() > 0
+    sr = randomise(build_unet(cfg, 32, 1, super_res=True))
+    assert sr.input_conv.in_channels == 8  # (x_t, low-res) x 2 x 2
+    for size in (32, 16):
+        out = sr(torch.randn(2, 1, size, size), torch.tensor([3, 4]), low_res=torch.randn(2, 1, 8, 8),
+                 aug_level=torch.tensor([1, 2]))
+        assert out.shape == (2, 1, size, size)
+
+
 def test_mid_attention_off_makes_the_unet_fully_convolutional():
     """model.mid_attention: false removes the one attention block an SR UNet without
     attention_resolutions has; the default keeps it (old checkpoints hold its weights)."""

@@ -40,12 +40,12 @@ from cdm.unet import upsample_low_res
 
 
 class Wrapper(torch.nn.Module):
-    """An SR network read another way, showing what sampling (cascade.py: num_classes, out for the
-    channel count) and Tiled (upsample_mode) read of the network itself; wrappers nest."""
+    """An SR network read another way, showing what sampling (cascade.py: num_classes, channels)
+    and Tiled (upsample_mode) read of the network itself; wrappers nest."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.num_classes, self.out, self.upsample_mode = model.num_classes, model.out, model.upsample_mode
+        self.num_classes, self.channels, self.upsample_mode = model.num_classes, model.channels, model.upsample_mode
 
 
 class Ensemble(Wrapper):
