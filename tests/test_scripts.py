@@ -171,7 +171,7 @@ def test_the_sr_experiment_averages_members_covers_with_tiles_and_guides(capsys)
         torch.testing.assert_close(experiment.Tiled(sr[0], 32, 8)(x, **cond), a)
         torch.testing.assert_close(experiment.Tiled(experiment.Ensemble(sr), 32, 8)(x, **cond), (a + b) / 2)  # nested
         pixelwise = torch.nn.Module()
-        pixelwise.num_classes, pixelwise.out, pixelwise.upsample_mode = 10, None, "bilinear"
+        pixelwise.num_classes, pixelwise.channels, pixelwise.upsample_mode = 10, 1, "bilinear"
         pixelwise.forward = lambda x, t, low_res, **_: x * low_res + t.view(-1, 1, 1, 1)
         expected = pixelwise(x, cond["t"], upsample_low_res(low_res, 32, "bilinear"))
         torch.testing.assert_close(experiment.Tiled(pixelwise, 16, 8)(x, **cond), expected)
