@@ -183,6 +183,15 @@ def floor_order(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
 
 
+def held_out(count: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """--split's two sets of n training-digit indices, the last 2n of the floor's order: (other,
+    the real set beside the base; hr, the digits the stages are measured on)."""
+    if 2 * n > count:
+        raise UserError(f"--split {n}: needs twice that many training digits, there are {count}")
+    last = floor_order(count)[count - 2 * n:]  # (2n,)
+    return last[:n], last[n:]
+
+
 def floor_rows(spaces: list[FeatureSpace], images: torch.Tensor, labels: torch.Tensor,
                sizes: list[int], draws: int, seed: int = 0, stratified: bool = False) -> list[dict]:
     """The real-data floor at each N: `draws` disjoint sets of N training digits, each scored
@@ -423,8 +432,7 @@ def main() -> None:
     root = os.environ.get(DATA_ROOT_ENV, "data")
     test_images, test_labels = load_mnist(root, True, 32, 1, train=False)
     train_images, train_labels = load_mnist(root, True, 32, 1)
-    if 2 * args.split > len(train_images):
-        raise UserError(f"--split {args.split}: needs twice that many training digits, there are {len(train_images)}")
+    other, hr = held_out(len(train_images), args.split)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +441,6 @@ def main() -> None:
     rows = [{"samples": name, "spread": f"bootstrap {args.bootstrap}", **score(spaces, images, labels, args.bootstrap)}
             for name, images, labels in tqdm(sample_files, desc="sample files", leave=False)]
     sr_rows, split_rows = [], []
-    held_out = floor_order(len(train_images))[len(train_images) - 2 * args.split:]  # (2N,): other, then hr
     for path in args.checkpoint:
         cfg, stages, ckpt = load_cascade(path, device)
         bf16 = use_bf16(cfg.train.precision, device)
@@ -481,7 +488,6 @@ def main() -> None:
             for method_rows in zip(*runs):
                 sr_rows.append({"run": run, "method": method_rows[0]["method"], **mean_std(list(method_rows))})
         if args.split and len(stages) > 1:
-            other, hr = held_out[:args.split], held_out[args.split:]
             split_rows += [{"run": run, **row} for row in stage_split(
                 stages, train_images[hr], train_labels[hr], train_images[other], spaces, args.seeds, bf16,
                 args.batch_size)]

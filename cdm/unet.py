@@ -144,7 +144,9 @@ class Encoder(nn.Module):
         super().__init__()
         ch = self.base_channels = cfg.channels
         self.emb_dim = 4 * ch
-        self.patch_size = cfg.patch_size
+        p = cfg.patch_size  # module-free folds: the same state_dict for any p; none at p = 1
+        self.to_patches = nn.PixelUnshuffle(p) if p > 1 else nn.Identity()  # (B, C, H, W) -> (B, C p^2, H/p, W/p)
+        self.from_patches = nn.PixelShuffle(p) if p > 1 else nn.Identity()  # and back
         self.time_embed = self.embed_mlp()
         self.input_conv = nn.Conv2d(in_channels * cfg.patch_size ** 2, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -176,7 +178,7 @@ class Encoder(nn.Module):
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, C_in, H, W) -> the middle block's output and the skips, shallowest first."""
-        h = self.input_conv(F.pixel_unshuffle(x, self.patch_size))  # (B, ch, H / p, W / p)
+        h = self.input_conv(self.to_patches(x))  # (B, ch, H / p, W / p)
         skips = [h]
         for block in self.down:
             h = block(h, emb)
@@ -238,7 +240,7 @@ class UNet(Encoder):
         h, skips = self.encode(x, emb)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H / p, W / p)
-        return F.pixel_shuffle(self.out(h), self.patch_size)  # (B, C, H, W)
+        return self.from_patches(self.out(h))  # (B, C, H, W)
 
 
 def build_unet(cfg: ModelConfig, image_size: int, channels: int, super_res: bool) -> UNet:

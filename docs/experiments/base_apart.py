@@ -19,7 +19,7 @@ from cdm.classifier import DEFAULT_PATHS, load_classifier
 from cdm.config import DATA_ROOT_ENV
 from cdm.datasets import load_mnist
 from cdm.errors import ArgumentParser, UserError, int_list, run_cli
-from cdm.evaluate import FeatureSpace, floor_order, markdown_table, stage_split
+from cdm.evaluate import FeatureSpace, held_out, markdown_table, stage_split
 from cdm.runtime import use_bf16
 
 
@@ -37,12 +37,9 @@ def main() -> None:
     root = os.environ.get(DATA_ROOT_ENV, "data")
     test_images, _ = load_mnist(root, True, 32, 1, train=False)
     train_images, train_labels = load_mnist(root, True, 32, 1)
-    if 2 * args.split > len(train_images):
-        raise UserError(f"--split {args.split}: needs twice that many training digits, there are {len(train_images)}")
+    other, hr = held_out(len(train_images), args.split)  # as cdm.evaluate's
     spaces = [FeatureSpace.from_network(name, load_classifier(path), test_images)
               for name, path in DEFAULT_PATHS.items()]
-    held_out = floor_order(len(train_images))[len(train_images) - 2 * args.split:]  # as cdm.evaluate's
-    other, hr = held_out[:args.split], held_out[args.split:]
     rows = []
     for path, cfg, stages in bases:
         rows += [{"run": path, **row} for row in stage_split(
